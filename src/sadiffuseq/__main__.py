@@ -1,0 +1,5 @@
+import sys
+
+from sadiffuseq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,361 @@
+"""Configuration: one dataclass per component, YAML presets, ``--section.key=value`` overrides.
+
+A run is described by a :class:`Config` with five sections — ``model``, ``diffusion``, ``data``, ``train``,
+``sample`` — each a small dataclass that owns its defaults and its validation. Presets live in ``configs/*.yaml``
+and hold only the keys they change; the command line overrides single keys::
+
+    sadiffuseq train --config configs/tiny.yaml --train.steps=500 --model.n_layers=4
+
+Everything a user can get wrong is a :class:`~sadiffuseq.errors.UserError` that names the key: unknown keys
+(with the closest valid spelling), values of the wrong type, values out of range, and combinations that cannot
+work (a sequence length too short to hold the source, a width that does not split into heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sadiffuseq.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser network (see ``model.py``)."""
+
+    d_model: int = 768  # transformer width
+    n_layers: int = 12
+    n_heads: int = 12
+    d_emb: int = 128  # word-embedding width: the space diffusion happens in (tied to the output head)
+    ffn_mult: float = 4.0  # feed-forward width = ffn_mult * d_model
+    dropout: float = 0.1
+    attention: str = "dense"  # which self-attention module each block uses
+    ffn: str = "dense"  # which feed-forward module each block uses
+    rope_base: float = 10000.0  # rotary position embedding base (positions work at any length)
+    grad_checkpoint: bool = False  # recompute block activations in backward: memory for long sequences
+
+    def validate(self) -> None:
+        _positive(self, "d_model", "n_layers", "n_heads", "d_emb", "ffn_mult", "rope_base")
+        if self.d_model % self.n_heads:
+            raise UserError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
+                "each head needs an equal share of the width"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise UserError(
+                f"model.d_model / model.n_heads = {self.d_model // self.n_heads} must be even "
+                "(rotary position embeddings rotate pairs of dimensions)"
+            )
+        _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
+        _choice(self, "attention", ("dense",))
+        _choice(self, "ffn", ("dense",))
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and the training loss (see ``diffusion/``)."""
+
+    steps: int = 2000  # T, the number of diffusion steps
+    schedule: str = "sqrt"  # noise schedule: sqrt (DiffuSeq), cosine, linear
+    timestep_sampler: str = "loss_aware"  # loss_aware (DiffuSeq's importance sampling) or uniform
+    rounding_weight: float = 1.0  # cross-entropy that keeps the embedding space decodable
+    prior_weight: float = 1.0  # ||sqrt(abar_T) x0||^2: the endpoint must be close to N(0, I)
+    pred_ce_weight: float = 0.0  # optional cross-entropy of the *predicted* x0 (0 = DiffuSeq's loss)
+
+    def validate(self) -> None:
+        _positive(self, "steps")
+        if self.steps < 2:
+            raise UserError(f"diffusion.steps={self.steps} must be at least 2")
+        _choice(self, "schedule", ("sqrt", "cosine", "linear"))
+        _choice(self, "timestep_sampler", ("loss_aware", "uniform"))
+        _non_negative(self, "rounding_weight", "prior_weight", "pred_ce_weight")
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they become token rows (see ``data/``)."""
+
+    task: str = "stdlib_functions"  # stdlib_functions, stdlib_modules or jsonl
+    train_path: str = ""  # jsonl task: training file ({src, trg} per line, .jsonl or .jsonl.gz)
+    valid_path: str = ""  # jsonl task: validation file (empty: split off the training file by document)
+    test_path: str = ""  # jsonl task: test file (empty: split off the training file by document)
+    src_field: str = "src"
+    trg_field: str = "trg"
+    dir: str = ""  # tokenised data folder; empty means <train.out_dir>/data
+    seq_len: int = 128  # row length: [BOS] src [SEP] trg [EOS] [PAD]...
+    max_src_len: int = 48  # sources longer than this are truncated (counted and reported)
+    overlong: str = "truncate"  # targets that do not fit: truncate or drop (counted and reported)
+    vocab_size: int = 8000  # BPE vocabulary, including the 4 special tokens
+    split_seed: int = 0  # seed of the document-level train/valid/test split
+    valid_frac: float = 0.05
+    test_frac: float = 0.05
+    max_examples: int = 0  # cap on examples read per split (0 = all), for quick experiments
+
+    def validate(self) -> None:
+        _choice(self, "task", ("stdlib_functions", "stdlib_modules", "jsonl"))
+        _positive(self, "seq_len", "max_src_len", "vocab_size")
+        _non_negative(self, "max_examples")
+        _choice(self, "overlong", ("truncate", "drop"))
+        _in_range(self, "valid_frac", 0.0, 0.5)
+        _in_range(self, "test_frac", 0.0, 0.5)
+        if self.vocab_size < 260:
+            raise UserError(f"data.vocab_size={self.vocab_size} is too small: byte-level BPE needs 256 bytes + 4 specials")
+        # [BOS] src [SEP] trg [EOS]: three special tokens plus at least one target token.
+        if self.seq_len < self.max_src_len + 4:
+            raise UserError(
+                f"data.seq_len={self.seq_len} cannot hold a source of data.max_src_len={self.max_src_len} tokens: "
+                f"a row needs max_src_len + 3 special tokens + at least 1 target token = {self.max_src_len + 4}. "
+                "Raise data.seq_len or lower data.max_src_len."
+            )
+        if self.task == "jsonl" and not self.train_path:
+            raise UserError("data.task=jsonl needs data.train_path (a jsonl file with src and trg fields)")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (see ``train.py``)."""
+
+    out_dir: str = "runs/default"  # run directory: config, tokenizer, metrics.jsonl, checkpoints/
+    steps: int = 10000
+    batch_size: int = 32  # rows per step; rows of similar length are batched together
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 500
+    decay: str = "linear"  # learning-rate decay after warm-up: linear, cosine or constant
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.9999  # with warm-up: the effective decay is min(ema_decay, (1+n)/(10+n))
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
+    compile: bool = False  # torch.compile the model
+    log_every: int = 10
+    eval_every: int = 0  # validation loss every N steps (0 = only at the end)
+    eval_batches: int = 8
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    threads: int = 0  # CPU threads for torch (0 = torch's default)
+    time_limit_min: float = 0.0  # stop (and checkpoint) after this many minutes of training (0 = no limit)
+
+    def validate(self) -> None:
+        _positive(self, "steps", "batch_size", "lr", "log_every", "save_every", "keep_checkpoints", "eval_batches")
+        _non_negative(self, "weight_decay", "warmup_steps", "grad_clip", "eval_every", "threads", "time_limit_min")
+        _in_range(self, "ema_decay", 0.0, 1.0, hi_open=True)
+        _choice(self, "decay", ("linear", "cosine", "constant"))
+        _choice(self, "dtype", ("auto", "bf16", "fp32"))
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UserError(f"train.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UserError(f"train.device={self.device!r} must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class SampleConfig:
+    """Generation (see ``diffusion/samplers.py`` and ``generate.py``)."""
+
+    sampler: str = "ddpm"  # ddpm (ancestral, respaced) or ddim (deterministic)
+    steps: int = 200  # denoising steps, evenly respaced over the T training steps
+    clamp: bool = False  # snap each x0 prediction to the nearest word embedding
+    batch_size: int = 16
+    num_examples: int = 0  # how many examples of the split to generate (0 = all)
+    split: str = "test"  # which split of the tokenised data to generate for
+    seed: int = 0
+    weights: str = "ema"  # ema or raw model weights
+
+    def validate(self) -> None:
+        _choice(self, "sampler", ("ddpm", "ddim"))
+        _positive(self, "steps", "batch_size")
+        _non_negative(self, "num_examples")
+        _choice(self, "split", ("train", "valid", "test"))
+        _choice(self, "weights", ("ema", "raw"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "Config":
+        for section in _sections(self):
+            getattr(self, section).validate()
+        if self.sample.steps > self.diffusion.steps:
+            raise UserError(
+                f"sample.steps={self.sample.steps} exceeds diffusion.steps={self.diffusion.steps}: "
+                "sampling can only use (a subset of) the training steps"
+            )
+        return self
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir) if self.data.dir else Path(self.train.out_dir) / "data"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["train"]["betas"] = list(self.train.betas)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, merging and overriding
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← YAML file ← ``section.key=value`` overrides, then validated."""
+    cfg = Config()
+    if path is not None:
+        apply_dict(cfg, read_yaml(path), origin=str(path))
+    for item in overrides or []:
+        apply_override(cfg, item)
+    return cfg.validate()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model, diffusion, data, train, sample)")
+    return data
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], origin: str = "config") -> None:
+    for section, values in data.items():
+        sec = _get_section(cfg, section, origin)
+        if not isinstance(values, dict):
+            raise UserError(f"{origin}: section '{section}' must be a mapping of keys to values")
+        for key, value in values.items():
+            _set_field(sec, section, key, value, origin)
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one ``section.key=value`` (a leading ``--`` is allowed); the value is parsed as YAML."""
+    text = item[2:] if item.startswith("--") else item
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"override {item!r} must look like --section.key=value, e.g. --train.steps=500")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    _set_field(_get_section(cfg, section, "command line"), section, key, value, "command line")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from sadiffuseq.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "config") -> Config:
+    cfg = Config()
+    apply_dict(cfg, data, origin)
+    return cfg.validate()
+
+
+def _sections(cfg: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg)]
+
+
+def _get_section(cfg: Config, section: str, origin: str):
+    names = _sections(cfg)
+    if section not in names:
+        raise UserError(f"{origin}: unknown config section '{section}'{_did_you_mean(section, names)}; sections: {', '.join(names)}")
+    return getattr(cfg, section)
+
+
+def _set_field(sec, section: str, key: str, value: Any, origin: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(sec)}
+    if key not in fields:
+        raise UserError(
+            f"{origin}: unknown key '{section}.{key}'{_did_you_mean(key, list(fields), prefix=section + '.')}; "
+            f"valid keys of '{section}': {', '.join(fields)}"
+        )
+    hint = typing.get_type_hints(type(sec))[key]
+    setattr(sec, key, _coerce(value, hint, f"{section}.{key}", origin))
+
+
+def _coerce(value: Any, hint: Any, name: str, origin: str) -> Any:
+    """Accept a value only if it has the field's type (ints are accepted for floats, never bools for numbers)."""
+    wrong = UserError(f"{origin}: {name}={value!r} has the wrong type: expected {_type_name(hint)}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. --train.device=0 is not meant, but a numeric path component is harmless
+        raise wrong
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise wrong
+        return tuple(_coerce(v, a, name, origin) for v, a in zip(value, args))
+    raise TypeError(f"unsupported config type {hint} for {name}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(hint))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _did_you_mean(word: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _section_name(obj) -> str:
+    return type(obj).__name__.removesuffix("Config").lower()
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise UserError(f"{_section_name(obj)}.{name}={getattr(obj, name)} must be positive")
+
+
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise UserError(f"{_section_name(obj)}.{name}={getattr(obj, name)} must not be negative")
+
+
+def _in_range(obj, name: str, lo: float, hi: float, hi_open: bool = False) -> None:
+    v = getattr(obj, name)
+    if v < lo or v > hi or (hi_open and v == hi):
+        bracket = ")" if hi_open else "]"
+        raise UserError(f"{_section_name(obj)}.{name}={v} must be in [{lo}, {hi}{bracket}")
+
+
+def _choice(obj, name: str, options: tuple[str, ...]) -> None:
+    v = getattr(obj, name)
+    if v not in options:
+        raise UserError(
+            f"{_section_name(obj)}.{name}={v!r} is not one of: {', '.join(options)}{_did_you_mean(str(v), list(options))}"
+        )

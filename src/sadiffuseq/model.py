@@ -1,0 +1,171 @@
+"""The denoiser: a bidirectional transformer that maps a noisy embedding sequence x_t and the step t to x0.
+
+Shape of the computation (DiffuSeq, Gong et al. 2023, with our choices marked)::
+
+    ids ──embed (V × d_emb, tied)──▶ x0 ──(diffusion adds noise on target positions)──▶ x_t
+    x_t ──up-projection──▶ h ( + time embedding of t, at every position)
+    h ──n_layers × Block(attention, feed-forward)──▶ final LayerNorm ──down-projection──▶ x̂0 (d_emb)
+    logits = x̂0 · Eᵀ  (the rounding head reuses the embedding matrix)
+
+Our choices, and why:
+
+* **Rotary position embeddings** rather than DiffuSeq's learned table: nothing to size in advance, so the same
+  weights run at 128 or 128k tokens, and relative positions are what window attention needs anyway.
+* **Pre-LayerNorm** blocks (DiffuSeq reuses BERT's post-LN): stable at depth and at long lengths without
+  warm-up tricks.
+* The attention module and the feed-forward module are looked up by name in :data:`ATTENTION` and
+  :data:`FFN`, so sparse attention and Mixture-of-Experts plug in through configuration alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sadiffuseq.config import ModelConfig
+
+
+@dataclass
+class AttentionContext:
+    """What an attention module may need beyond the hidden states: rotary tables and packing information.
+
+    ``doc_ids`` (B, L) marks which example each position belongs to when several are packed into one row;
+    positions only attend within their own example. ``None`` means one example per row.
+    """
+
+    cos: torch.Tensor  # (L, head_dim/2)
+    sin: torch.Tensor  # (L, head_dim/2)
+    doc_ids: torch.Tensor | None = None
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) diffusion steps, as in the Transformer / DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def rotary_tables(length: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of a (B, H, L, h) tensor by position-dependent angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class DenseSelfAttention(nn.Module):
+    """Full bidirectional attention through PyTorch SDPA (FlashAttention on GPU): the DiffuSeq baseline."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        mask = None
+        if ctx.doc_ids is not None:  # packed rows: block-diagonal mask, (B, 1, L, L)
+            mask = (ctx.doc_ids[:, :, None] == ctx.doc_ids[:, None, :])[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class DenseFFN(nn.Module):
+    """The position-wise feed-forward of a transformer block (GELU)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.ffn_mult * cfg.d_model)
+        self.up = nn.Linear(cfg.d_model, hidden)
+        self.down = nn.Linear(hidden, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+# Registries: config name → module class. Sparse attention and MoE register here.
+ATTENTION: dict[str, type[nn.Module]] = {"dense": DenseSelfAttention}
+FFN: dict[str, type[nn.Module]] = {"dense": DenseFFN}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = ATTENTION[cfg.attention](cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = FFN[cfg.ffn](cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = h + self.drop(self.attn(self.ln1(h), ctx))
+        return h + self.drop(self.ffn(self.ln2(h)))
+
+
+class Denoiser(nn.Module):
+    """Predicts x0 (in embedding space, width d_emb) from x_t and the diffusion step t."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        d, e = cfg.d_model, cfg.d_emb
+        # N(0, 1) word embeddings as in DiffuSeq: their scale matches the unit-variance noise.
+        self.embed = nn.Embedding(vocab_size, e)
+        nn.init.normal_(self.embed.weight, std=1.0)
+        self.up = nn.Sequential(nn.Linear(e, d), nn.Tanh(), nn.Linear(d, d))
+        self.time_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.ln_in = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_out = nn.LayerNorm(d)
+        self.down = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, e))
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get_embeds(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+    def get_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Rounding head: similarity of each vector to every word embedding (tied weights)."""
+        return x @ self.embed.weight.t().to(x.dtype)
+
+    def _rope(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (length, device)
+        if key not in self._rope_cache:
+            head_dim = self.cfg.d_model // self.cfg.n_heads
+            self._rope_cache[key] = rotary_tables(length, head_dim, self.cfg.rope_base, device)
+        return self._rope_cache[key]
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, _ = x_t.shape
+        h = self.up(x_t) + self.time_mlp(timestep_embedding(t, self.cfg.d_model).to(x_t.dtype))[:, None, :]
+        h = self.drop(self.ln_in(h))
+        cos, sin = self._rope(L, x_t.device)
+        ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids)
+        for block in self.blocks:
+            if self.cfg.grad_checkpoint and self.training:
+                h = checkpoint(block, h, ctx, use_reentrant=False)
+            else:
+                h = block(h, ctx)
+        return self.down(self.ln_out(h))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
