@@ -65,7 +65,7 @@ def test_cli_reports_config_errors_without_traceback(capsys, tmp_path):
     assert "no such file or preset" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["data", "train", "sample", "eval", "demo"])
+@pytest.mark.parametrize("command", ["data", "train", "sample", "eval", "demo", "bench"])
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -132,6 +132,27 @@ def cmd_eval(args, extra, parser) -> None:
         print(f"written {args.json}")
 
 
+def cmd_bench(args, extra, parser) -> None:
+    from sadiffuseq import bench
+
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    if not lengths or min(lengths) < 1:
+        raise UserError(f"--lengths {args.lengths!r}: give comma-separated positive lengths, e.g. 2048,8192")
+    if args.what == "attention":
+        if extra:
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        rows = bench.bench_attention(lengths, args.heads, args.head_dim, args.window, args.dilated_heads,
+                                     args.dilation, args.globals, args.batch, not args.no_naive, args.reps, args.out)
+        print(bench.format_rows(rows))
+        print(f"written {args.out}/attention.csv and {args.out}/attention.png")
+    else:
+        cfg = _load(args, extra, parser)
+        for length in lengths:
+            rows = bench.bench_model(cfg, length, args.vocab, args.batch, args.reps, args.out, args.compile)
+            print(bench.format_rows(rows))
+        print(f"written {args.out}/model_<length>.csv")
+
+
 def cmd_demo(args, extra, parser) -> None:
     from sadiffuseq.demo import run_demo
 
@@ -218,6 +239,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="jsonl with 'generated' and 'reference' per line")
     p.add_argument("--json", help="also write the metrics as JSON to this path")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "bench",
+        help="GPU timings: sparse vs dense attention, and full training steps",
+        formatter_class=fmt,
+        description="attention: forward+backward (bf16) of dense SDPA, our sparse pattern and the naive FlexAttention "
+        "mask, with block density, ideal time (density × dense), efficiency (ideal / sparse) and speed-up; CSV + "
+        "log-log PNG. model: one training step (forward, backward, AdamW) of the model with dense and with sparse "
+        "attention, side by side (model sizes and the sparse pattern come from --config and overrides).",
+        epilog="examples:\n  sadiffuseq bench attention --lengths 2048,8192,32768,131072\n"
+        "  sadiffuseq bench model --config base --lengths 32768 --model.window=256 "
+        "--model.dilations=[1,1,1,1,1,1,4,4,4,4,4,4]\n\n" + settings,
+    )
+    p.add_argument("what", choices=["attention", "model"])
+    p.add_argument("--lengths", default="2048,8192,32768,131072", help="comma-separated sequence lengths")
+    p.add_argument("--heads", type=int, default=16, help="attention: heads (default 16)")
+    p.add_argument("--head-dim", type=int, default=64, help="attention: head width (default 64)")
+    p.add_argument("--window", type=int, default=256, help="attention: half-width w (default 256)")
+    p.add_argument("--dilated-heads", type=int, default=8, help="attention: heads with dilation (default 8)")
+    p.add_argument("--dilation", type=int, default=4, help="attention: their dilation (default 4)")
+    p.add_argument("--globals", type=int, default=16, help="attention: global tokens (default 16)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
+    p.add_argument("--no-naive", action="store_true", help="attention: skip the naive FlexAttention variant")
+    p.add_argument("--vocab", type=int, default=16000, help="model: vocabulary size (default 16000)")
+    p.add_argument("--compile", action="store_true", help="model: torch.compile both models")
+    p.add_argument("--config", help="model: preset name or YAML file (default: base)")
+    p.add_argument("--out", default="bench_out", help="folder for CSV and PNG (default bench_out)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "demo",

@@ -35,10 +35,18 @@ class ModelConfig:
     d_emb: int = 128  # word-embedding width: the space diffusion happens in (tied to the output head)
     ffn_mult: float = 4.0  # feed-forward width = ffn_mult * d_model
     dropout: float = 0.1
-    attention: str = "dense"  # which self-attention module each block uses
+    attention: str = "dense"  # dense (SDPA, the DiffuSeq baseline) or sparse (window + dilated + global)
     ffn: str = "dense"  # which feed-forward module each block uses
     rope_base: float = 10000.0  # rotary position embedding base (positions work at any length)
     grad_checkpoint: bool = False  # recompute block activations in backward: memory for long sequences
+    # Sparse attention (model.attention=sparse); see attention/patterns.py.
+    window: int = 256  # half-width w: a head sees keys within ±w (a head of dilation d: every d-th key within ±w·d)
+    layer_windows: list[int] = field(default_factory=list)  # per-layer w (empty: `window` in every layer)
+    dilations: list[int] = field(default_factory=list)  # per-head dilation (empty: all 1), e.g. [1,1,1,1,1,1,4,4,4,4,4,4]
+    global_first: int = 16  # the first n positions of a row ([BOS] + source start) are global tokens
+    global_every: int = 0  # also every k-th position (0: none)
+    global_proj: bool = False  # Longformer's separate q/k/v projections for the global attention rows
+    attention_backend: str = "auto"  # auto (flex on CUDA, banded on CPU), flex, banded, dense (reference, O(L²))
 
     def validate(self) -> None:
         _positive(self, "d_model", "n_layers", "n_heads", "d_emb", "ffn_mult", "rope_base")
@@ -53,7 +61,18 @@ class ModelConfig:
                 "(rotary position embeddings rotate pairs of dimensions)"
             )
         _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
-        _choice(self, "attention", ("dense",))
+        _choice(self, "attention", ("dense", "sparse"))
+        _choice(self, "attention_backend", ("auto", "flex", "banded", "dense"))
+        _non_negative(self, "window", "global_first", "global_every")
+        if self.dilations and (len(self.dilations) != self.n_heads or min(self.dilations) < 1):
+            raise UserError(
+                f"model.dilations={self.dilations} must list one dilation >= 1 per head (model.n_heads={self.n_heads})"
+            )
+        if self.layer_windows and (len(self.layer_windows) != self.n_layers or min(self.layer_windows) < 0):
+            raise UserError(
+                f"model.layer_windows={self.layer_windows} must list one window >= 0 per layer "
+                f"(model.n_layers={self.n_layers})"
+            )
         _choice(self, "ffn", ("dense",))
 
 
@@ -311,6 +330,11 @@ def _coerce(value: Any, hint: Any, name: str, origin: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. --train.device=0 is not meant, but a numeric path component is harmless
         raise wrong
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        (arg,) = typing.get_args(hint)
+        return [_coerce(v, arg, name, origin) for v in value]
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -320,6 +344,8 @@ def _coerce(value: Any, hint: Any, name: str, origin: str) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}s"
     if typing.get_origin(hint) is tuple:
         return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(hint))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sadiffuseq.attention.layer import SparseSelfAttention
+from sadiffuseq.attention.rotary import apply_rotary, rotary_tables
 from sadiffuseq.config import ModelConfig
 
 
@@ -54,23 +56,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def rotary_tables(length: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of a (B, H, L, h) tensor by position-dependent angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.to(x.dtype)
-
-
 class DenseSelfAttention(nn.Module):
     """Full bidirectional attention through PyTorch SDPA (FlashAttention on GPU): the DiffuSeq baseline."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
@@ -102,15 +91,15 @@ class DenseFFN(nn.Module):
 
 
 # Registries: config name → module class. Sparse attention and MoE register here.
-ATTENTION: dict[str, type[nn.Module]] = {"dense": DenseSelfAttention}
+ATTENTION: dict[str, type[nn.Module]] = {"dense": DenseSelfAttention, "sparse": SparseSelfAttention}
 FFN: dict[str, type[nn.Module]] = {"dense": DenseFFN}
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = ATTENTION[cfg.attention](cfg)
+        self.attn = ATTENTION[cfg.attention](cfg, layer)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = FFN[cfg.ffn](cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -135,7 +124,7 @@ class Denoiser(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
         self.ln_in = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(d)
         self.down = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, e))
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

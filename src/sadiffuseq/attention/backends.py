@@ -1,0 +1,119 @@
+"""Kernels that evaluate one head group's sparse pattern. All take (B, H, L, hd) tensors.
+
+* ``dense`` — SDPA with the pattern materialised as a boolean L×L mask, in original token order. O(L²): the
+  reference every other backend is tested against, never the default.
+* ``flex`` — FlexAttention on the permuted sequence (see :class:`~sadiffuseq.attention.patterns.Layout`) with
+  a BlockMask that skips empty 128×128 tiles. ``flex_attention`` is compiled once per process and BlockMasks
+  are cached per (length, window, layout); with packed documents the mask depends on the batch and is rebuilt.
+  The fast path on CUDA.
+* ``banded`` — pure PyTorch on the permuted sequence, O(L·w) time and memory, differentiable by autograd: CPU
+  training and tests (FlexAttention has no CPU backward, and its eager path materialises L×L scores).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from sadiffuseq.attention import patterns
+from sadiffuseq.attention.patterns import Layout
+
+BACKENDS = ("flex", "banded", "dense")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "banded"
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dense reference (original order)
+
+
+def dense_attention(q, k, v, window: int, dilation: int, is_global: torch.Tensor, doc_ids=None) -> torch.Tensor:
+    L = q.shape[2]
+    mod = patterns.head_mask_mod(window, dilation, is_global, doc_ids)
+    mask = patterns.dense_mask(mod, L, doc_ids.shape[0] if doc_ids is not None else 1, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FlexAttention (permuted order)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask, dynamic=False)
+
+
+_BLOCK_MASKS: dict[tuple, object] = {}
+
+
+def block_mask_for(layout: Layout, window: int, length: int, doc_ids=None, batch: int | None = None):
+    """The BlockMask of a head group on the permuted sequence (cached unless documents make it batch-specific)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = layout.perm.device
+    mod = patterns.layout_mask_mod(layout, window, doc_ids)
+    make = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+    if doc_ids is not None:
+        return make(mod, doc_ids.shape[0], None, length, length, device=device)
+    key = (length, window, layout.dilation, layout.n_global, tuple(layout.class_starts), str(device))
+    if key not in _BLOCK_MASKS:
+        if len(_BLOCK_MASKS) > 64:
+            _BLOCK_MASKS.clear()
+        _BLOCK_MASKS[key] = make(mod, None, None, length, length, device=device)
+    return _BLOCK_MASKS[key]
+
+
+def flex_attention(q, k, v, layout: Layout, window: int, doc_ids=None) -> torch.Tensor:
+    """On permuted q, k, v; returns the permuted output."""
+    block_mask = block_mask_for(layout, window, q.shape[2], doc_ids)
+    if q.device.type == "cuda":
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    # CPU: eager FlexAttention (forward only; used to test the mask logic without a GPU).
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return eager_flex(q, k, v, block_mask=block_mask)
+
+
+def block_density(block_mask) -> float:
+    """Fraction of (query block, key block) tiles the kernel visits (partial and full tiles)."""
+    counts = block_mask.kv_num_blocks.sum()
+    if getattr(block_mask, "full_kv_num_blocks", None) is not None:
+        counts = counts + block_mask.full_kv_num_blocks.sum()
+    return float(counts) / block_mask.kv_indices.numel()
+
+
+def run_group(backend: str, q, k, v, layout: Layout, window: int, is_global: torch.Tensor, doc_ids=None):
+    """One head group, original order in and out; permutes around the kernels that need it."""
+    if backend == "dense":
+        return dense_attention(q, k, v, window, layout.dilation, is_global, doc_ids)
+    identity = layout.identity
+    if not identity:
+        q, k, v = (t.index_select(2, layout.perm) for t in (q, k, v))
+    if backend == "flex":
+        out = flex_attention(q, k, v, layout, window, doc_ids)
+    elif backend == "banded":
+        from sadiffuseq.attention.banded import banded_attention
+
+        out = banded_attention(q, k, v, layout, window, doc_ids)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
+    return out if identity else out.index_select(2, layout.inv)

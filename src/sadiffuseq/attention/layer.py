@@ -1,0 +1,84 @@
+"""SparseSelfAttention: the SA-DiffuSeq attention module (``model.attention: sparse``).
+
+Each head has a dilation (``model.dilations``, default 1); heads of equal dilation form a group that is
+evaluated by one kernel call on its own token order (see ``patterns.Layout``). Every head of a layer uses the
+layer's window (``model.layer_windows`` or ``model.window``) and the same global tokens. Rotary position
+embeddings are applied before any reordering, so positions keep their original meaning.
+
+With ``model.global_proj`` the rows of the global tokens are recomputed with their own query/key/value
+projections over all keys, as in Longformer's separate global attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sadiffuseq.attention import patterns
+from sadiffuseq.attention.backends import resolve_backend, run_group
+from sadiffuseq.attention.rotary import apply_rotary
+from sadiffuseq.config import ModelConfig
+
+
+class SparseSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.window = cfg.layer_windows[layer] if cfg.layer_windows else cfg.window
+        self.global_first, self.global_every = cfg.global_first, cfg.global_every
+        self.backend = cfg.attention_backend
+        dilations = cfg.dilations or [1] * cfg.n_heads
+        # (dilation, head indices) groups; ``head_order`` restores the original head order after concatenation.
+        self.groups = [(d, [h for h, dh in enumerate(dilations) if dh == d]) for d in sorted(set(dilations))]
+        order = [h for _, heads in self.groups for h in heads]
+        self.register_buffer("head_order", torch.tensor(order).argsort(), persistent=False)
+        self.contiguous_groups = order == list(range(cfg.n_heads))
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.global_qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model) if cfg.global_proj else None
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        y = self.attend(q, k, v, ctx.doc_ids)
+        if self.global_qkv is not None and self.global_first + self.global_every > 0:
+            y = self._global_rows(x, y, ctx)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids=None) -> torch.Tensor:
+        """The sparse pattern on (B, H, L, hd) queries/keys/values (rotary already applied)."""
+        L = q.shape[2]
+        backend = resolve_backend(self.backend, q.device)
+        is_global = patterns.global_positions(L, self.global_first, self.global_every, device=q.device)
+        outs = []
+        start = 0
+        for d, heads in self.groups:
+            if self.contiguous_groups:
+                sl = slice(start, start + len(heads))
+                qg, kg, vg = q[:, sl], k[:, sl], v[:, sl]
+                start += len(heads)
+            else:
+                idx = torch.tensor(heads, device=q.device)
+                qg, kg, vg = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
+            layout = patterns.cached_layout(L, self.global_first, self.global_every, d, q.device)
+            outs.append(run_group(backend, qg, kg, vg, layout, self.window, is_global, doc_ids))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if not self.contiguous_groups:
+            y = y.index_select(1, self.head_order)
+        return y
+
+    def _global_rows(self, x, y, ctx):
+        """Replace the global tokens' outputs by full attention with the separate global projections."""
+        B, L, D = x.shape
+        qg, kg, vg = self.global_qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qg, kg = apply_rotary(qg, ctx.cos, ctx.sin), apply_rotary(kg, ctx.cos, ctx.sin)
+        is_global = patterns.global_positions(L, self.global_first, self.global_every, device=x.device)
+        rows = is_global.nonzero().squeeze(1)
+        mask = None
+        if ctx.doc_ids is not None:
+            mask = (ctx.doc_ids[:, rows, None] == ctx.doc_ids[:, None, :])[:, None]
+        g = F.scaled_dot_product_attention(qg[:, :, rows], kg, vg, attn_mask=mask)
+        return y.index_copy(2, rows, g)

@@ -1,0 +1,177 @@
+"""Sparse attention patterns: sliding window, dilated window, global tokens, documents.
+
+A pattern says which key j a query i may attend to. Ours are bidirectional (Longformer, Beltagy et al. 2020):
+
+* **sliding window** of half-width w: |i − j| ≤ w;
+* **dilated window** (dilation d): j ≡ i (mod d) and |i − j| ≤ w·d — every d-th token over a d-times wider span;
+* **global tokens**: a set of positions that attend to every key and that every query attends to;
+* **documents**: when several examples are packed into one row, i and j must belong to the same one; this
+  applies to global tokens too.
+
+Each rule is a small ``mask_mod`` factory in FlexAttention's signature ``(b, h, q_idx, kv_idx) -> bool`` and
+they compose with :func:`and_masks` / :func:`or_masks` (attention-gym style).
+
+**Dilation by permutation.** A dilated window is scattered in the original order, so a block-sparse kernel
+finds every tile partly filled and gains nothing. :class:`Layout` reorders the tokens — global tokens first,
+then each residue class mod d contiguous and in order — so the same pattern becomes an ordinary band inside each
+class plus one dense row and column block for the global tokens. Masks built by :func:`layout_mask_mod` work
+in permuted indices but decide with original positions, so the pattern's meaning does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+MaskMod = "Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mask_mod factories over original positions
+
+
+def sliding_window(w: int):
+    def mask_mod(b, h, q, k):
+        return (q - k).abs() <= w
+
+    return mask_mod
+
+
+def dilated_window(w: int, d: int):
+    def mask_mod(b, h, q, k):
+        return ((q - k) % d == 0) & ((q - k).abs() <= w * d)
+
+    return mask_mod
+
+
+def global_tokens(is_global: torch.Tensor):
+    """``is_global``: bool (L,) — those positions attend everywhere and are attended from everywhere."""
+
+    def mask_mod(b, h, q, k):
+        return is_global[q] | is_global[k]
+
+    return mask_mod
+
+
+def same_document(doc_ids: torch.Tensor):
+    """``doc_ids``: (B, L) example index of every position of a packed row."""
+
+    def mask_mod(b, h, q, k):
+        return doc_ids[b, q] == doc_ids[b, k]
+
+    return mask_mod
+
+
+def and_masks(*mods):
+    def mask_mod(b, h, q, k):
+        out = mods[0](b, h, q, k)
+        for m in mods[1:]:
+            out = out & m(b, h, q, k)
+        return out
+
+    return mask_mod
+
+
+def or_masks(*mods):
+    def mask_mod(b, h, q, k):
+        out = mods[0](b, h, q, k)
+        for m in mods[1:]:
+            out = out | m(b, h, q, k)
+        return out
+
+    return mask_mod
+
+
+def head_mask_mod(w: int, d: int, is_global: torch.Tensor, doc_ids: torch.Tensor | None = None):
+    """The full pattern of one head in original order: (window or dilated window) ∪ global, ∩ document."""
+    local = sliding_window(w) if d == 1 else dilated_window(w, d)
+    mod = or_masks(local, global_tokens(is_global))
+    return and_masks(mod, same_document(doc_ids)) if doc_ids is not None else mod
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which positions are global
+
+
+def global_positions(length: int, first: int = 16, every: int = 0, device=None) -> torch.Tensor:
+    """bool (L,): the first ``first`` positions ([BOS] and the start of the source) and every ``every``-th one.
+
+    Fixed positions (rather than, say, wherever [SEP] falls) keep the pattern identical for every row of a batch,
+    so one mask per length serves all batches.
+    """
+    g = torch.zeros(length, dtype=torch.bool, device=device)
+    g[: min(first, length)] = True
+    if every > 0:
+        g[::every] = True
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layout: the permutation that makes a dilated pattern block-sparse
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Token order for a (length, dilation, global set): globals first, then residue classes mod d in order.
+
+    ``perm[i]`` is the original position of permuted index i; ``inv[p]`` the permuted index of position p;
+    ``n_global`` the number of global tokens (permuted indices ``[0, n_global)``); ``class_starts`` the
+    permuted index where each residue class begins (d + 1 entries, the last = L).
+    """
+
+    perm: torch.Tensor
+    inv: torch.Tensor
+    n_global: int
+    dilation: int
+    class_starts: tuple[int, ...]
+    identity: bool  # the permutation changes nothing (no dilation, globals already first): skip the gathers
+
+
+def make_layout(is_global: torch.Tensor, dilation: int) -> Layout:
+    length = is_global.numel()
+    pos = torch.arange(length, device=is_global.device)
+    globals_ = pos[is_global]
+    rest = pos[~is_global]
+    classes = [rest[rest % dilation == r] for r in range(dilation)]
+    perm = torch.cat([globals_, *classes])
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(length, device=perm.device)
+    starts = [len(globals_)]
+    for c in classes:
+        starts.append(starts[-1] + len(c))
+    identity = bool((perm == pos).all())
+    return Layout(perm, inv, len(globals_), dilation, tuple(starts), identity)
+
+
+def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None):
+    """The head pattern in *permuted* indices (for kernels that run on the permuted sequence)."""
+    perm, n_global, d = layout.perm, layout.n_global, layout.dilation
+
+    def mask_mod(b, h, q, k):
+        pq, pk = perm[q], perm[k]
+        local = ((pq - pk).abs() <= w * d) & ((pq - pk) % d == 0)
+        out = local | (q < n_global) | (k < n_global)
+        if doc_ids is not None:
+            out = out & (doc_ids[b, pq] == doc_ids[b, pk])
+        return out
+
+    return mask_mod
+
+
+def dense_mask(mask_mod, length: int, batch: int = 1, device=None) -> torch.Tensor:
+    """Materialise a mask_mod as a bool (B, L, L) tensor — for references and tests only (O(L²))."""
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    h = torch.zeros((), dtype=torch.long, device=device)
+    return torch.stack([mask_mod(torch.tensor(b, device=device), h, q, k) for b in range(batch)])
+
+
+@lru_cache(maxsize=64)
+def _cached_layout(length: int, first: int, every: int, dilation: int, device_str: str) -> Layout:
+    return make_layout(global_positions(length, first, every, device=torch.device(device_str)), dilation)
+
+
+def cached_layout(length: int, first: int, every: int, dilation: int, device: torch.device) -> Layout:
+    return _cached_layout(length, first, every, dilation, str(device))
