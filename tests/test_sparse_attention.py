@@ -24,9 +24,9 @@ CASES = [
 ]
 
 
-def _layer(L, heads, window, dilations, first, every, backend, global_proj=False):
+def _layer(L, heads, window, dilations, first, every, backend, global_proj=False, hd=8):
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=8 * heads, n_heads=heads, window=window, dilations=dilations, global_first=first,
+    cfg = ModelConfig(d_model=hd * heads, n_heads=heads, window=window, dilations=dilations, global_first=first,
                       global_every=every, attention="sparse", attention_backend=backend, dropout=0.0,
                       global_proj=global_proj)
     return SparseSelfAttention(cfg)
@@ -40,9 +40,9 @@ def _docs(L, B, packed, device):
     return (torch.arange(L)[None, :, None] >= cuts[:, None, :]).sum(-1).to(device)
 
 
-def _qkv(L, heads, device, dtype=torch.float32):
+def _qkv(L, heads, device, dtype=torch.float32, hd=8):
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(2, heads, L, 8, generator=g, dtype=dtype).to(device).requires_grad_() for _ in range(3)]
+    return [torch.randn(2, heads, L, hd, generator=g, dtype=dtype).to(device).requires_grad_() for _ in range(3)]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -96,9 +96,9 @@ def test_flex_matches_dense_on_gpu(case):
     L, heads, window, dilations, first, every, packed = case
     docs = _docs(L, 2, packed, "cuda")
     results = {}
-    for backend in ("dense", "flex"):
-        layer = _layer(L, heads, window, dilations, first, every, backend).cuda()
-        q, k, v = _qkv(L, heads, "cuda")
+    for backend in ("dense", "flex"):  # the fused FlexAttention kernel needs heads of width >= 16
+        layer = _layer(L, heads, window, dilations, first, every, backend, hd=16).cuda()
+        q, k, v = _qkv(L, heads, "cuda", hd=16)
         out = layer.attend(q, k, v, docs)
         (out * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
         results[backend] = (out.detach(), q.grad, k.grad, v.grad)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sadiffuseq.attention import patterns
-from sadiffuseq.attention.backends import _compiled_flex, block_density, block_mask_for
+from sadiffuseq.attention.backends import _compiled_create_block_mask, _compiled_flex, block_density, block_mask_for
 from sadiffuseq.attention.layer import SparseSelfAttention
 from sadiffuseq.config import Config, ModelConfig
 from sadiffuseq.errors import UserError
@@ -66,8 +66,7 @@ def pattern_config(heads: int, head_dim: int, window: int, dilated_heads: int, d
 
 def naive_flex(cfg: ModelConfig, length: int, device):
     """FlexAttention of the same pattern in the original token order (no permutation), one call per dilation."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+    create_block_mask = _compiled_create_block_mask()
     is_global = patterns.global_positions(length, cfg.global_first, cfg.global_every, device=device)
     groups = sorted(set(cfg.dilations))
     masks = [create_block_mask(patterns.head_mask_mod(cfg.window, d, is_global), None, None, length, length,
@@ -166,7 +165,9 @@ def bench_model(cfg: Config, length: int, vocab: int = 16000, batch: int = 1, re
         del model, opt, fwd
         torch.cuda.empty_cache()
     rows[1]["speedup"] = rows[0]["step_ms"] / rows[1]["step_ms"]
-    _write(rows, Path(out_dir), f"model_{length}")
+    for r in rows:
+        r["compiled"] = compile
+    _write(rows, Path(out_dir), f"model_{length}{'_compiled' if compile else ''}")
     return rows
 
 

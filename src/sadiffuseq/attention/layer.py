@@ -51,7 +51,7 @@ class SparseSelfAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids=None) -> torch.Tensor:
         """The sparse pattern on (B, H, L, hd) queries/keys/values (rotary already applied)."""
         L = q.shape[2]
-        backend = resolve_backend(self.backend, q.device)
+        backend = resolve_backend(self.backend, q.device, self.head_dim)
         is_global = patterns.global_positions(L, self.global_first, self.global_every, device=q.device)
         outs = []
         start = 0
