@@ -8,8 +8,8 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
-[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -p no:cacheprovider tests/test_sparse_attention.py 2>&1 | tail -4 | tee "$OUT/tests.txt"
-python3 -m sadiffuseq bench attention --lengths ${LENGTHS:-2048,8192,32768,131072} ${NAIVE:+} ${NO_NAIVE:+--no-naive} \
+[ -n "${SKIP_TESTS:-}" ] || { python3 -m pytest -q -p no:cacheprovider tests/test_sparse_attention.py -k "${TESTS:-}" 2>&1 | tail -4 | tee "$OUT/tests.txt" || true; }
+python3 -m sadiffuseq bench attention --lengths ${LENGTHS:-2048,8192,32768,131072} ${NO_NAIVE:+--no-naive} \
     --out "$OUT" 2>&1 | tail -8
 for compile in "" ${COMPILE:+--compile}; do
   python3 -m sadiffuseq bench model --lengths 32768 --reps 5 $compile \
