@@ -75,17 +75,16 @@ def _compiled_create_block_mask():
 _BLOCK_MASKS: dict[tuple, object] = {}
 
 
-def block_mask_for(layout: Layout, window: int, length: int, doc_ids=None, local_only: bool = True):
-    """The BlockMask of a head group's window part on the permuted sequence (cached unless documents make it
-    batch-specific). Global rows and columns are left out by default: :func:`flex_attention` adds them."""
+def block_mask_for(layout: Layout, window: int, length: int, doc_ids=None):
+    """The BlockMask of a head group on the permuted sequence (cached unless documents make it batch-specific)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     device = layout.perm.device
-    mod = patterns.layout_mask_mod(layout, window, doc_ids, local_only=local_only)
+    mod = patterns.layout_mask_mod(layout, window, doc_ids)
     make = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
     if doc_ids is not None:
         return make(mod, doc_ids.shape[0], None, length, length, device=device)
-    key = (length, window, layout.dilation, layout.n_global, tuple(layout.class_starts), local_only, str(device))
+    key = (length, window, layout.dilation, layout.n_global, tuple(layout.class_starts), str(device))
     if key not in _BLOCK_MASKS:
         if len(_BLOCK_MASKS) > 64:
             _BLOCK_MASKS.clear()
@@ -94,55 +93,22 @@ def block_mask_for(layout: Layout, window: int, length: int, doc_ids=None, local
 
 
 def flex_attention(q, k, v, layout: Layout, window: int, doc_ids=None) -> torch.Tensor:
-    """On permuted q, k, v; returns the permuted output.
-
-    The global tokens are kept out of the kernel. Left in, the global query row makes one tile row of the grid
-    span every key block and the global key column one tile column span every query block: single thread
-    blocks then walk the whole sequence while the rest have a few tiles each (measured at 32k tokens: 2.7 ms
-    instead of 0.95 ms for the window alone). Instead:
-
-    * the window part runs in FlexAttention over non-global queries and keys, returning its log-sum-exp;
-    * the G global keys, seen by every query, are one (L × G) matmul; the two partial softmaxes are merged
-      exactly through their log-sum-exps (gradients flow through both);
-    * the G global query rows attend to all keys: a (G × L) matmul.
-    """
-    G = layout.n_global
+    """On permuted q, k, v; returns the permuted output."""
     block_mask = block_mask_for(layout, window, q.shape[2], doc_ids)
-    local, lse_local = _flex(q, k, v, block_mask)
-    if G == 0:
-        return local
-    scale = q.shape[-1] ** -0.5
-    docs = None if doc_ids is None else doc_ids[:, layout.perm]
-    q_rest = q[:, :, G:]
-    # Non-global queries against the global keys.
-    s_g = (q_rest @ k[:, :, :G].transpose(-1, -2)).float() * scale
-    if docs is not None:
-        s_g = s_g.masked_fill((docs[:, G:, None] != docs[:, None, :G])[:, None], float("-inf"))
-    lse_g = torch.logsumexp(s_g, dim=-1)
-    o_g = torch.softmax(s_g, dim=-1).nan_to_num(0.0).to(v.dtype) @ v[:, :, :G]
-    lse_l = lse_local[:, :, G:].float()
-    lse = torch.logaddexp(lse_l, lse_g)
-    rest = local[:, :, G:] * (lse_l - lse).exp()[..., None].to(v.dtype) + o_g * (lse_g - lse).exp()[..., None].to(v.dtype)
-    # Global queries against every key.
-    s_r = (q[:, :, :G] @ k.transpose(-1, -2)).float() * scale
-    if docs is not None:
-        s_r = s_r.masked_fill((docs[:, :G, None] != docs[:, None, :])[:, None], float("-inf"))
-    rows = torch.softmax(s_r, dim=-1).to(v.dtype) @ v
-    return torch.cat([rows, rest], dim=2)
+    return _flex(q, k, v, block_mask)
 
 
 def _flex(q, k, v, block_mask):
-    """FlexAttention returning (output, log-sum-exp): compiled on CUDA, eager (forward only) on the CPU."""
+    """FlexAttention: compiled on CUDA, eager (forward only, used to test the mask logic) on the CPU."""
     if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=block_mask, return_lse=True)
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
     import warnings
 
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        return eager_flex(q, k, v, block_mask=block_mask, return_lse=True)
+        return eager_flex(q, k, v, block_mask=block_mask)
 
 
 def block_density(block_mask) -> float:

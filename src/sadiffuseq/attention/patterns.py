@@ -145,13 +145,12 @@ def make_layout(is_global: torch.Tensor, dilation: int) -> Layout:
     return Layout(perm, inv, len(globals_), dilation, tuple(starts), identity)
 
 
-def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None, local_only: bool = False):
+def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None):
     """The head pattern in *permuted* indices (for kernels that run on the permuted sequence).
 
     Written for the GPU kernel that evaluates it on every partially filled tile: int32 table lookups and
     comparisons only (64-bit division and modulo are slow on GPUs), and no lookups at all in the common
-    undilated case where the permutation is the identity. ``local_only`` drops the global rows and columns
-    (the window part alone, for kernels that handle global tokens separately).
+    undilated case where the permutation is the identity.
     """
     n_global, span = layout.n_global, w * layout.dilation
     if layout.identity and layout.dilation == 1:
@@ -169,10 +168,7 @@ def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None,
     docs = None if doc_ids is None else doc_ids[:, layout.perm].to(torch.int32)
 
     def mask_mod(b, h, q, k):
-        if local_only:
-            out = local(q, k) & (q >= n_global) & (k >= n_global)
-        else:
-            out = local(q, k) | (q < n_global) | (k < n_global)
+        out = local(q, k) | (q < n_global) | (k < n_global)
         if docs is not None:
             out = out & (docs[b, q] == docs[b, k])
         return out
