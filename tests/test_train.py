@@ -97,3 +97,11 @@ def test_checkpoint_errors_are_clear(tmp_path):
         (bad / name).write_text("garbage")
     with pytest.raises(UserError):
         load_model(bad)
+
+
+def test_sample_command_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    from sadiffuseq.cli import main
+
+    assert main(["sample", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a sadiffuseq checkpoint: missing model.safetensors" in err and "Traceback" not in err

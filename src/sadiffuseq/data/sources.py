@@ -96,6 +96,12 @@ class ScanStats:
     skipped: int = 0
     failed_paths: list[str] = field(default_factory=list)
 
+    def count(self, ex: "Example | None") -> None:
+        if ex is None:
+            self.skipped += 1
+        else:
+            self.examples += 1
+
 
 # --------------------------------------------------------------------------------------------------------
 # jsonl
@@ -346,10 +352,7 @@ def stdlib_functions(
                 continue
             ex = _function_example(mod, node, max_body_chars)
             if stats is not None:
-                if ex is None:
-                    stats.skipped += 1
-                else:
-                    stats.examples += 1
+                stats.count(ex)
             if ex is not None:
                 yield ex
     if stats is not None and stats.failed_files:
@@ -448,10 +451,7 @@ def stdlib_modules(
     for mod in _load_modules(root, stats):
         ex = _module_example(mod)
         if stats is not None:
-            if ex is None:
-                stats.skipped += 1
-            else:
-                stats.examples += 1
+            stats.count(ex)
         if ex is not None:
             yield ex
     if stats is not None and stats.failed_files:
