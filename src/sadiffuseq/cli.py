@@ -115,7 +115,9 @@ def cmd_sample(args, extra, parser) -> None:
     t0 = time.perf_counter()
     records = generate_records(model, cfg, tokenizer, srcs, refs, device)
     elapsed = time.perf_counter() - t0
-    out = Path(args.out) if args.out else Path(args.checkpoint) / f"samples_{cfg.sample.sampler}{cfg.sample.steps}.jsonl"
+    sc = cfg.sample
+    suffix = ("_logsnr" if sc.spacing == "logsnr" else "") + (f"_mbr{sc.mbr}" if sc.mbr > 1 else "")
+    out = Path(args.out) if args.out else Path(args.checkpoint) / f"samples_{sc.sampler}{sc.steps}{suffix}.jsonl"
     write_jsonl(records, out)
     print(f"{len(records)} generations in {elapsed:.1f} s ({elapsed / len(records):.3f} s each) -> {out}")
     print(format_table(compute_metrics([r["generated"] for r in records], [r["reference"] for r in records])))
@@ -219,11 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
         "jsonl file (--input, with the run's data.src_field/trg_field). Writes {source, reference, generated} jsonl "
         "and prints the metrics of `sadiffuseq eval`.",
         epilog="examples:\n  sadiffuseq sample runs/tiny --sample.steps=200 --sample.num_examples=100\n"
-        "  sadiffuseq sample runs/tiny --sample.sampler=ddim --sample.clamp=true --out ddim.jsonl\n\n"
-        "sample settings: sampler (ddpm|ddim), steps, clamp, batch_size, num_examples, split, seed, weights (ema|raw)",
+        "  sadiffuseq sample runs/tiny --sample.sampler=ddim --sample.clamp=true --out ddim.jsonl\n"
+        "  sadiffuseq sample runs/tiny --sample.sampler=dpm++2m --sample.steps=10 --sample.spacing=logsnr\n"
+        "  sadiffuseq sample runs/tiny --sample.sampler=dpm++2m --sample.steps=10 --sample.mbr=5    "
+        "MBR: keep the best of 5\n\n"
+        "sample settings: sampler (ddpm|ddim|dpm++2m), steps, spacing (time|logsnr: steps even in t or in log-SNR),\n"
+        "  mbr (candidates per source, default 1; >1 writes them all as \"candidates\" and keeps the one with the\n"
+        "  highest mean BLEU to the others), clamp, batch_size, num_examples, split, seed, weights (ema|raw)",
     )
     p.add_argument("checkpoint", help="run directory or checkpoint folder")
-    p.add_argument("--out", help="output jsonl (default: <checkpoint>/samples_<sampler><steps>.jsonl)")
+    p.add_argument(
+        "--out", help="output jsonl (default: <checkpoint>/samples_<sampler><steps>[_logsnr][_mbr<K>].jsonl)"
+    )
     p.add_argument("--input", help="jsonl file of sources (and references) instead of a data split")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.set_defaults(func=cmd_sample)

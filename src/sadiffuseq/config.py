@@ -178,8 +178,10 @@ class TrainConfig:
 class SampleConfig:
     """Generation (see ``diffusion/samplers.py`` and ``generate.py``)."""
 
-    sampler: str = "ddpm"  # ddpm (ancestral, respaced) or ddim (deterministic)
-    steps: int = 200  # denoising steps, evenly respaced over the T training steps
+    sampler: str = "ddpm"  # ddpm (ancestral), ddim (deterministic) or dpm++2m (DPM-Solver++(2M), deterministic)
+    steps: int = 200  # denoising steps: a subset of the T training steps, chosen by `spacing`
+    spacing: str = "time"  # which steps: time (evenly spread in t) or logsnr (evenly spread in log-SNR λ)
+    mbr: int = 1  # candidates per source; >1 keeps the minimum-Bayes-risk one (highest mean BLEU to the others)
     clamp: bool = False  # snap each x0 prediction to the nearest word embedding
     batch_size: int = 16
     num_examples: int = 0  # how many examples of the split to generate (0 = all)
@@ -188,8 +190,9 @@ class SampleConfig:
     weights: str = "ema"  # ema or raw model weights
 
     def validate(self) -> None:
-        _choice(self, "sampler", ("ddpm", "ddim"))
-        _positive(self, "steps", "batch_size")
+        _choice(self, "sampler", ("ddpm", "ddim", "dpm++2m"))
+        _choice(self, "spacing", ("time", "logsnr"))
+        _positive(self, "steps", "batch_size", "mbr")
         _non_negative(self, "num_examples")
         _choice(self, "split", ("train", "valid", "test"))
         _choice(self, "weights", ("ema", "raw"))

@@ -137,7 +137,7 @@ def compute_metrics(generated: list[str], references: list[str]) -> dict[str, fl
     rouge = _rouge(generated, references)
     return {
         "bleu": _corpus_bleu(generated, references),
-        "sentence_bleu": _sentence_bleu(hyp_tokens, ref_tokens),
+        "sentence_bleu": mean_sentence_bleu(hyp_tokens, ref_tokens),
         "rouge1": rouge["rouge1"],
         "rouge2": rouge["rouge2"],
         "rougeL": rouge["rougeL"],
@@ -157,7 +157,7 @@ def _corpus_bleu(generated: list[str], references: list[str]) -> float:
     return float(BLEU().corpus_score(generated, [references]).score)
 
 
-def _sentence_bleu(hyp_tokens: list[list[str]], ref_tokens: list[list[str]]) -> float:
+def mean_sentence_bleu(hyp_tokens: list[list[str]], ref_tokens: list[list[str]]) -> float:
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
     smoothing = SmoothingFunction().method4

@@ -10,10 +10,24 @@ every step the source positions are re-imposed (they were never noised in traini
 * ``ddim``: the deterministic DDIM update (η = 0, Song et al. 2021): ε̂ = (x_t − sqrt(ᾱ_t) x̂0)/sqrt(1−ᾱ_t),
   x_s = sqrt(ᾱ_s) x̂0 + sqrt(1−ᾱ_s) ε̂.
 
+* ``dpm++2m``: DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+  Probabilistic Models", Algorithm 2), a second-order multistep solver of the probability-flow ODE written for a
+  data-prediction (x0) model. With α_t = sqrt(ᾱ_t), σ_t = sqrt(1−ᾱ_t), λ_t = log(α_t/σ_t) and h = λ_s − λ_t for
+  consecutive visited steps t > s, the first step is first order (DPM-Solver++1, identical to DDIM):
+  x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) x̂0_t, and every later step replaces x̂0_t by the extrapolation
+  D = (1 + 1/(2r)) x̂0_t − 1/(2r) x̂0_prev with r = h_prev/h, where x̂0_prev is the prediction of the previous
+  visited step and h_prev the previous λ increment.
+
+Which training steps are visited (``spacing``): ``time`` spreads them evenly over [0, T−1]
+(:func:`respaced_timesteps`); ``logsnr`` spreads them (as nearly as the discrete table allows) evenly in λ, the
+variable DPM-Solver integrates in (:func:`logsnr_timesteps`). Either spacing works with every sampler.
+
 Optional *clamping* (Diffusion-LM) snaps every x̂0 to its nearest word embedding before it is used.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +35,8 @@ from tqdm.auto import tqdm
 from sadiffuseq.diffusion.process import Diffusion
 from sadiffuseq.utils import autocast
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+SPACINGS = ("time", "logsnr")
 
 
 def respaced_timesteps(total: int, steps: int) -> list[int]:
@@ -32,6 +47,46 @@ def respaced_timesteps(total: int, steps: int) -> list[int]:
         return [total - 1]
     ts = torch.linspace(0, total - 1, steps, dtype=torch.float64).round().long().unique()
     return ts.flip(0).tolist()
+
+
+def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """λ_t = log(α_t/σ_t) = ½ log(ᾱ_t / (1 − ᾱ_t)) in float64; decreasing in t."""
+    ab = alphas_cumprod.double()
+    return 0.5 * (ab.log() - torch.log1p(-ab))
+
+
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
+    """``steps`` distinct training steps, descending from T−1 to 0, whose λ values are as evenly spaced as possible.
+
+    Greedy: after T−1, each next step is the one whose λ is nearest to the point a 1/k of the way from the
+    current λ to λ(0), where k is the number of steps still to place (and enough steps are left below it for
+    the remaining ones to stay distinct). Where the table has no gaps larger than the ideal increment this is the
+    nearest-step rounding of a uniform λ grid; where it has one — the sqrt schedule's last step, whose β is clipped
+    at 0.999, jumps by ≈3.5 in λ — the steps that a fixed grid would waste inside that gap (all rounding to the
+    same two steps) are instead spread evenly over the rest of the λ range.
+    """
+    total = len(alphas_cumprod)
+    if not 1 <= steps <= total:
+        raise ValueError(f"steps must be in [1, {total}], got {steps}")
+    lam = log_snr(alphas_cumprod)
+    out = [total - 1]
+    for placed in range(1, steps):
+        left = steps - placed  # steps still to place, this one included; the last must be 0
+        prev = out[-1]
+        target = lam[prev] + (lam[0] - lam[prev]) / left
+        lo = left - 1  # keep room for left-1 distinct steps below this one
+        t = lo + int((lam[lo:prev] - target).abs().argmin())
+        out.append(t)
+    return out
+
+
+def sampling_timesteps(diffusion: Diffusion, steps: int, spacing: str = "time") -> list[int]:
+    """The descending training steps a sampler visits: ``time`` (even in t) or ``logsnr`` (even in λ)."""
+    if spacing == "time":
+        return respaced_timesteps(diffusion.steps, steps)
+    if spacing == "logsnr":
+        return logsnr_timesteps(diffusion.alphas_cumprod, steps)
+    raise ValueError(f"unknown spacing {spacing!r}; choose from {SPACINGS}")
 
 
 def nearest_embedding(embedding: torch.Tensor, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -61,11 +116,12 @@ def sample_x0(
     doc_ids: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    spacing: str = "time",
 ) -> torch.Tensor:
     """Run the reverse process; returns the final x̂0 (B, L, d_emb) in float32.
 
     ``ids`` supplies the source tokens (its target positions are ignored); ``input_mask`` marks the positions
-    to generate.
+    to generate. ``spacing`` chooses the visited steps (see :func:`sampling_timesteps`).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
@@ -75,8 +131,9 @@ def sample_x0(
     noise = torch.randn(src.shape, generator=generator, device=device, dtype=torch.float32)
     x = torch.where(mask, noise, src)
     ab = diffusion.alphas_cumprod
-    timesteps = respaced_timesteps(diffusion.steps, steps)
+    timesteps = sampling_timesteps(diffusion, steps, spacing)
     x0 = x
+    prev_x0, prev_h = None, None  # dpm++2m: the previous prediction and λ increment
     for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} {steps} steps", disable=not progress, leave=False)):
         t_vec = torch.full((ids.shape[0],), t, device=device, dtype=torch.long)
         with autocast(device, dtype):
@@ -94,9 +151,19 @@ def sample_x0(
             var = beta * (1 - ab_s) / (1 - ab_t)
             z = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
             x = mean + var**0.5 * z
-        else:
+        elif sampler == "ddim":
             eps = (x - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
             x = ab_s**0.5 * x0 + (1 - ab_s) ** 0.5 * eps
+        else:  # dpm++2m (Lu et al. 2022, Algorithm 2)
+            alpha_s, sigma_t, sigma_s = ab_s**0.5, (1 - ab_t) ** 0.5, (1 - ab_s) ** 0.5
+            h = 0.5 * (math.log(ab_s / (1 - ab_s)) - math.log(ab_t / (1 - ab_t)))  # λ_s − λ_t > 0
+            if prev_x0 is None:
+                d = x0  # first step: first order (= DDIM)
+            else:
+                half_inv_r = h / (2 * prev_h)  # 1/(2r) with r = h_prev / h
+                d = (1 + half_inv_r) * x0 - half_inv_r * prev_x0
+            x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
+            prev_x0, prev_h = x0, h
         x = torch.where(mask, x, src)
     return x0
 
