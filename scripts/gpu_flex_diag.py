@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
 from sadiffuseq.attention import patterns
-from sadiffuseq.attention.backends import _compiled_flex, block_density, block_mask_for
+from sadiffuseq.attention.backends import _compiled_flex, block_density, block_mask_for, flex_attention
 from sadiffuseq.bench import cuda_time_ms
 
 L = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
@@ -40,6 +40,9 @@ for d in (1, 4):
     bm = block_mask_for(lay, w, L)
     rows.append((f"ours d={d} (permuted)", block_density(bm), cuda_time_ms(lambda: flex(q, k, v, block_mask=bm)),
                  cuda_time_ms(fb(lambda: flex(q, k, v, block_mask=bm)))))
+    rows.append((f"ours d={d}, global copies", float("nan"),
+                 cuda_time_ms(lambda: flex_attention(q, k, v, lay, w, global_copies=True)),
+                 cuda_time_ms(fb(lambda: flex_attention(q, k, v, lay, w, global_copies=True)))))
 print(f"L={L}, H={H}, hd={hd}, bf16")
 print(f"{'variant':<24}{'density':>9}{'fwd ms':>9}{'fwd+bwd ms':>12}")
 for name, dens, f, fbm in rows:

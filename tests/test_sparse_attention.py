@@ -91,13 +91,15 @@ def test_flex_forward_on_cpu_matches_dense(case):
 
 
 @pytest.mark.skipif(not CUDA, reason="FlexAttention backward needs a CUDA GPU")
+@pytest.mark.parametrize("copies", [False, True])
 @pytest.mark.parametrize("case", CASES + [(4500, 4, 256, [1, 1, 4, 4], 16, 0, True)])
-def test_flex_matches_dense_on_gpu(case):
+def test_flex_matches_dense_on_gpu(case, copies):
     L, heads, window, dilations, first, every, packed = case
     docs = _docs(L, 2, packed, "cuda")
     results = {}
     for backend in ("dense", "flex"):  # the fused FlexAttention kernel needs heads of width >= 16
         layer = _layer(L, heads, window, dilations, first, every, backend, hd=16).cuda()
+        layer.global_copies = copies
         q, k, v = _qkv(L, heads, "cuda", hd=16)
         out = layer.attend(q, k, v, docs)
         (out * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
@@ -152,3 +154,38 @@ def test_sparse_denoiser_equals_dense_denoiser_when_the_window_covers_everything
     sparse.load_state_dict(dense.state_dict())
     x, t = torch.randn(2, 40, 8), torch.tensor([3, 900])
     assert torch.allclose(dense(x, t), sparse(x, t), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_flex_with_global_copies_matches_dense_including_gradients(case, monkeypatch):
+    """The global-copies schedule (extended keys + separate global rows) computes the same function.
+
+    On the CPU, FlexAttention has no backward, so the kernel is replaced by SDPA over the BlockMask's own
+    mask_mod materialised densely: this checks everything around the kernel (key copies, gradient summation
+    over copies, global rows, documents) forward and backward.
+    """
+    from sadiffuseq.attention import backends
+
+    def dense_flex(q, k, v, block_mask):
+        Lq, Lk = q.shape[2], k.shape[2]
+        qi = torch.arange(Lq)[:, None]
+        ki = torch.arange(Lk)[None, :]
+        batch = q.shape[0]
+        mask = torch.stack([block_mask.mask_mod(torch.tensor(b), torch.tensor(0), qi, ki) for b in range(batch)])
+        empty = ~mask.any(-1, keepdim=True)  # global query rows have no keys here (their output is replaced)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(mask | empty)[:, None])
+        return out.masked_fill(empty[:, None], 0.0)
+
+    monkeypatch.setattr(backends, "_flex", dense_flex)
+    L, heads, window, dilations, first, every, packed = case
+    docs = _docs(L, 2, packed, "cpu")
+    results = {}
+    for backend, copies in (("dense", False), ("flex", True)):
+        layer = _layer(L, heads, window, dilations, first, every, backend)
+        layer.global_copies = copies
+        q, k, v = _qkv(L, heads, "cpu")
+        out = layer.attend(q, k, v, docs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[backend] = (out.detach(), q.grad, k.grad, v.grad)
+    for a, b in zip(results["dense"], results["flex"]):
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)

@@ -1,8 +1,8 @@
 """``sadiffuseq bench``: side-by-side GPU timings, written as CSV and PNG.
 
 * ``bench attention`` — forward+backward of the attention core (after the projections) for dense SDPA
-  (FlashAttention), our sparse pattern (permuted FlexAttention), and optionally the *naive* FlexAttention of the
-  same pattern (dilated mask in the original order). Reports block density (fraction of 128×128 tiles visited),
+  (FlashAttention), our sparse pattern (permuted FlexAttention, with the global tokens inline and as private key
+  copies), and optionally the *naive* FlexAttention of the same pattern (dilated mask in the original order). Reports block density (fraction of 128×128 tiles visited),
   the ideal time density × dense, efficiency = ideal / sparse and the speed-up over dense.
 * ``bench model`` — one full training step (forward, backward, AdamW) of the denoiser with dense attention and
   with sparse attention, same sizes, same data, one process.
@@ -102,13 +102,16 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         dense_ms = cuda_time_ms(_fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v, grad),
                                 reps=reps)
         sparse_ms = cuda_time_ms(_fwd_bwd(layer.attend, q, k, v, grad), reps=reps)
+        layer.global_copies = True  # the same pattern with the global tokens scheduled as private key copies
+        copies_ms = cuda_time_ms(_fwd_bwd(layer.attend, q, k, v, grad), reps=reps)
+        layer.global_copies = False
         density = 0.0
         for d, group in layer.groups:
             layout = patterns.cached_layout(L, cfg.global_first, cfg.global_every, d, device)
             density += block_density(block_mask_for(layout, cfg.window, L)) * len(group) / heads
         row = {"length": L, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "density": density,
                "ideal_ms": density * dense_ms, "efficiency": density * dense_ms / sparse_ms,
-               "speedup": dense_ms / sparse_ms}
+               "speedup": dense_ms / sparse_ms, "copies_ms": copies_ms, "copies_speedup": dense_ms / copies_ms}
         if naive:
             attend, naive_density = naive_flex(cfg, L, device)
             row["naive_ms"] = cuda_time_ms(_fwd_bwd(attend, q, k, v, grad), reps=reps)
@@ -187,6 +190,7 @@ def _plot_attention(rows: list[dict], path: Path, cfg: ModelConfig) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     ax.loglog(L, [r["dense_ms"] for r in rows], "o-", label="dense SDPA (FlashAttention)")
     ax.loglog(L, [r["sparse_ms"] for r in rows], "s-", label="sparse (permuted FlexAttention)")
+    ax.loglog(L, [r["copies_ms"] for r in rows], "d-", label="sparse, global-key copies")
     ax.loglog(L, [r["ideal_ms"] for r in rows], ":", color="gray", label="ideal = density × dense")
     if "naive_ms" in rows[0]:
         ax.loglog(L, [r["naive_ms"] for r in rows], "^--", label="naive FlexAttention mask")

@@ -176,6 +176,39 @@ def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None)
     return mask_mod
 
 
+def copies_mask_mod(layout: Layout, w: int, block: int = 128, doc_ids: torch.Tensor | None = None):
+    """The window part of the pattern over an *extended* key sequence ``[keys; copies of the global keys]``.
+
+    Keys ``[0, L)`` are the permuted sequence; keys ``L + c·G + j`` hold a private copy of global key j for the
+    queries of block c (``q // block == c``). Global query rows are left out (they are computed separately).
+    Each copy is read by one query block only, so no tile row or column of the grid spans the whole sequence.
+    """
+    length, n_global, span, d = len(layout.perm), layout.n_global, w * layout.dilation, layout.dilation
+    n_blocks = -(-length // block)
+    extended = length + n_blocks * n_global
+    device = layout.perm.device
+    copy_of = torch.cat([layout.perm, layout.perm[:n_global].repeat(n_blocks)]).to(torch.int32)  # original position
+    pad = torch.zeros(extended - length, dtype=torch.int32, device=device)
+    pos = torch.cat([layout.perm.to(torch.int32), pad])
+    cls = torch.cat([(layout.perm % d).to(torch.int32), pad])
+    docs = None if doc_ids is None else doc_ids[:, copy_of.long()].to(torch.int32)
+    q_docs = None if doc_ids is None else doc_ids[:, layout.perm].to(torch.int32)
+
+    def mask_mod(b, h, q, k):
+        in_band = (k < length) & (k >= n_global) & (q >= n_global)
+        if layout.identity and d == 1:
+            in_band = in_band & ((q - k).abs() <= span)
+        else:
+            in_band = in_band & (cls[q] == cls[k]) & ((pos[q] - pos[k]).abs() <= span)
+        is_copy = (k >= length) & (q >= n_global) & ((k - length) // max(n_global, 1) == q // block)
+        out = in_band | is_copy
+        if docs is not None:
+            out = out & (q_docs[b, q] == docs[b, k])
+        return out
+
+    return mask_mod, extended
+
+
 def dense_mask(mask_mod, length: int, batch: int = 1, device=None) -> torch.Tensor:
     """Materialise a mask_mod as a bool (B, L, L) tensor — for references and tests only (O(L²))."""
     q = torch.arange(length, device=device)[:, None]
