@@ -315,7 +315,7 @@ def test_split_of_bad_fractions(kwargs):
 def test_get_task():
     assert get_task("stdlib_functions") is stdlib_functions
     assert get_task("stdlib_modules") is stdlib_modules
-    assert set(TASKS) == {"stdlib_functions", "stdlib_modules"}
+    assert {"stdlib_functions", "stdlib_modules"} <= set(TASKS)
     with pytest.raises(UserError) as err:
         get_task("nope")
     assert "nope" in str(err.value)

@@ -4,7 +4,7 @@ Every reader yields :class:`Example` records ``(src, trg, doc_id)``. ``doc_id`` 
 example was cut from; :func:`split_of` assigns whole documents to train/valid/test from a stable hash, so
 no document contributes examples to two splits and the assignment is identical on every run and machine.
 
-Two sources exist:
+Sources:
 
 * :func:`read_jsonl_pairs` reads a user corpus, one JSON object per line (optionally gzip-compressed).
 * The embedded default corpus is the Python standard library of the running interpreter. It is present
@@ -21,8 +21,28 @@ Two sources exist:
       headers), trg = the whole module source without its docstring. Targets run to thousands of
       tokens; this is the long-document task that sparse attention is meant for.
 
-Both tasks slice the raw source lines using ``ast`` line numbers (never ``ast.unparse``), so comments and
-formatting are kept exactly as written.
+  Both tasks slice the raw source lines using ``ast`` line numbers (never ``ast.unparse``), so comments
+  and formatting are kept exactly as written. ``code_module`` and ``code_prefix`` apply the same cuts to
+  any directory of ``.py`` files.
+* Named long-document tasks over real corpora (see ``../shared/data/README.md``), each a function
+  ``task(path=None, **options)`` that streams one record at a time:
+
+  ``science_abstract_to_text`` / ``science_text_to_abstract``
+      SumPubMed papers: abstract -> full text, and the reverse. ``doc_id`` = the paper id.
+  ``dialogue_next_turns`` (``qmsum_next_turns``, ``crd3_next_turns``)
+      meeting (QMSum) and game-session (CRD3) transcripts as ``Speaker: utterance`` lines: src = the
+      dialogue before a turn boundary, trg = the turns that follow. ``doc_id`` = the meeting / episode.
+  ``crd3_synopsis_to_transcript``
+      CRD3 episode synopsis -> the opening window(s) of the transcript.
+  ``code_module`` / ``code_prefix``
+      any tree of ``.py`` files: docstring + headers -> module; first part of a file -> the rest.
+  ``text_prefix``
+      plain-text files: the first words -> their continuation.
+
+  With ``path=None`` the corpus tasks look for the shared data folder (``$SADIFFUSEQ_SHARED_DATA``, then
+  ``../shared/data`` from the working directory, then ``../shared/data`` next to the source checkout).
+
+Every task is registered by name in :data:`TASKS`; :func:`describe_tasks` gives one line for each.
 """
 
 from __future__ import annotations
@@ -32,8 +52,10 @@ import gzip
 import hashlib
 import io
 import json
+import itertools
 import logging
 import os
+import re
 import sysconfig
 import tokenize
 import warnings
@@ -41,6 +63,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from sadiffuseq.errors import UserError
 
@@ -50,11 +73,23 @@ __all__ = [
     "read_jsonl_pairs",
     "stdlib_root",
     "iter_stdlib_files",
+    "iter_python_files",
     "stdlib_functions",
     "stdlib_modules",
+    "code_module",
+    "code_prefix",
+    "text_prefix",
+    "science_abstract_to_text",
+    "science_text_to_abstract",
+    "dialogue_next_turns",
+    "qmsum_next_turns",
+    "crd3_next_turns",
+    "crd3_synopsis_to_transcript",
     "split_of",
     "TASKS",
     "get_task",
+    "task_names",
+    "describe_tasks",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,7 +158,23 @@ def read_jsonl_pairs(path: str | os.PathLike, src_field: str = "src", trg_field:
     return _iter_jsonl(p, src_field, trg_field)
 
 
-def _iter_jsonl(p: Path, src_field: str, trg_field: str) -> Iterator[Example]:
+class _Record(NamedTuple):
+    """One JSON object of a jsonl file and where it was read."""
+
+    path: Path
+    line: int  # 1-based
+    data: dict
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}, line {self.line}"
+
+
+def _iter_records(p: Path) -> Iterator[_Record]:
+    """The JSON objects of a jsonl file (``.gz``: gzip), read one line at a time; blank lines are skipped.
+
+    A line that is not UTF-8, not JSON or not an object raises :class:`UserError` naming the file and line.
+    """
     opener = gzip.open if p.name.endswith(".gz") else open
     line_no = 0
     try:
@@ -135,36 +186,54 @@ def _iter_jsonl(p: Path, src_field: str, trg_field: str) -> Iterator[Example]:
                     raise UserError(f"{p}, line {line_no}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
                 if not line.strip():
                     continue
-                yield _parse_record(line, p, line_no, src_field, trg_field)
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{p}, line {line_no}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+                if not isinstance(rec, dict):
+                    raise UserError(f"{p}, line {line_no}: expected a JSON object, got {type(rec).__name__}")
+                yield _Record(p, line_no, rec)
     except (OSError, EOFError, zlib.error) as exc:
         # gzip.BadGzipFile is an OSError; a truncated archive raises EOFError.
         raise UserError(f"{p}, line {line_no + 1}: cannot read file: {exc}") from None
 
 
-def _parse_record(line: str, p: Path, line_no: int, src_field: str, trg_field: str) -> Example:
-    where = f"{p}, line {line_no}"
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    values = []
-    for name in (src_field, trg_field):
-        if name not in rec:
-            raise UserError(f"{where}: missing field {name!r}")
-        value = rec[name]
-        if not isinstance(value, str):
-            raise UserError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-        if not value.strip():
-            raise UserError(f"{where}: field {name!r} is empty")
-        values.append(value)
-    doc_id = rec.get("id")
+def _iter_jsonl(p: Path, src_field: str, trg_field: str) -> Iterator[Example]:
+    for rec in _iter_records(p):
+        src = _field(rec.data, src_field, rec.where, str)
+        trg = _field(rec.data, trg_field, rec.where, str)
+        yield Example(src=src, trg=trg, doc_id=_record_id(rec))
+
+
+_JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+
+
+def _json_type(value: object) -> str:
+    return "null" if value is None else _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _field(obj: dict, key: str, where: str, kind: type, label: str | None = None, *, allow_empty: bool = False):
+    """``obj[key]``, which must be of JSON type ``kind`` (str, list or dict) and, unless ``allow_empty``, not
+    empty or whitespace; otherwise :class:`UserError` ``"<where>: field '<label>' ..."`` (label: ``key``)."""
+    name = label or key
+    if key not in obj:
+        raise UserError(f"{where}: missing field {name!r}")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise UserError(f"{where}: field {name!r} must be a JSON {_JSON_TYPE_NAMES[kind]}, got {_json_type(value)}")
+    if not allow_empty and not (value.strip() if isinstance(value, str) else value):
+        raise UserError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def _record_id(rec: _Record) -> str:
+    """The record's ``"id"`` field (string or integer), else ``"<file name>:<line number>"``."""
+    doc_id = rec.data.get("id")
     if doc_id is None:
-        doc_id = f"{p.name}:{line_no}"
-    elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-        raise UserError(f"{where}: field 'id' must be a string or an integer, got {type(doc_id).__name__}")
-    return Example(src=values[0], trg=values[1], doc_id=str(doc_id))
+        return f"{rec.path.name}:{rec.line}"
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise UserError(f"{rec.where}: field 'id' must be a string or an integer, got {_json_type(doc_id)}")
+    return str(doc_id)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -179,17 +248,25 @@ def stdlib_root() -> Path:
     return root
 
 
-def iter_stdlib_files(root: str | os.PathLike | None = None) -> list[Path]:
-    """All ``*.py`` files under ``root`` (default :func:`stdlib_root`), skipping :data:`SKIP_DIRS`, sorted."""
-    base = Path(root) if root is not None else stdlib_root()
+def iter_python_files(
+    root: str | os.PathLike, skip_dirs: frozenset[str] = SKIP_DIRS, *, skip_hidden: bool = False
+) -> list[Path]:
+    """All ``*.py`` files under ``root``, not descending into ``skip_dirs`` (nor, with ``skip_hidden``, into
+    directories whose name starts with a dot), sorted by relative path."""
+    base = Path(root)
     if not base.is_dir():
         raise UserError(f"{base}: not a directory (expected a tree of Python source files)")
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs and not (skip_hidden and d.startswith("."))]
         found.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
     found.sort(key=lambda q: q.relative_to(base).as_posix())
     return found
+
+
+def iter_stdlib_files(root: str | os.PathLike | None = None) -> list[Path]:
+    """All ``*.py`` files under ``root`` (default :func:`stdlib_root`), skipping :data:`SKIP_DIRS`, sorted."""
+    return iter_python_files(Path(root) if root is not None else stdlib_root(), SKIP_DIRS)
 
 
 @dataclass
@@ -200,23 +277,54 @@ class _Module:
     tree: ast.Module
 
 
-def _load_modules(root: str | os.PathLike | None, stats: ScanStats | None) -> Iterator[_Module]:
-    base = Path(root) if root is not None else stdlib_root()
-    for path in iter_stdlib_files(base):
+def _read_python_source(path: Path) -> str:
+    """A source file's text as the interpreter sees it (declared encoding, universal newlines, no BOM)."""
+    raw = path.read_bytes()
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+    text = raw.decode(encoding).replace("\r\n", "\n").replace("\r", "\n")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+_SOURCE_ERRORS = (OSError, SyntaxError, ValueError, UnicodeDecodeError, LookupError)
+
+
+def _load_sources(
+    base: Path, stats: ScanStats | None, skip_dirs: frozenset[str] = SKIP_DIRS, skip_hidden: bool = False
+) -> Iterator[tuple[str, str]]:
+    """(path relative to ``base``, text) of every ``.py`` file; unreadable files are counted and skipped."""
+    for path in iter_python_files(base, skip_dirs, skip_hidden=skip_hidden):
         rel = path.relative_to(base).as_posix()
         if stats is not None:
             stats.files += 1
         try:
-            raw = path.read_bytes()
-            encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
-            # Universal newlines, as the interpreter sees the file; ast line numbers refer to this text.
-            text = raw.decode(encoding).replace("\r\n", "\n").replace("\r", "\n")
-            if text.startswith("\ufeff"):
-                text = text[1:]
+            text = _read_python_source(path)
+        except _SOURCE_ERRORS as exc:
+            if stats is not None:
+                stats.failed_files += 1
+                stats.failed_paths.append(rel)
+            log.debug("skipping %s: %s", path, exc)
+            continue
+        yield rel, text
+
+
+def _load_modules(
+    root: str | os.PathLike | None,
+    stats: ScanStats | None,
+    skip_dirs: frozenset[str] = SKIP_DIRS,
+    skip_hidden: bool = False,
+) -> Iterator[_Module]:
+    base = Path(root) if root is not None else stdlib_root()
+    for path in iter_python_files(base, skip_dirs, skip_hidden=skip_hidden):
+        rel = path.relative_to(base).as_posix()
+        if stats is not None:
+            stats.files += 1
+        try:
+            # ast line numbers refer to this text (universal newlines).
+            text = _read_python_source(path)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # SyntaxWarning for invalid escapes in old modules
                 tree = ast.parse(text, filename=str(path))
-        except (OSError, SyntaxError, ValueError, UnicodeDecodeError, LookupError) as exc:
+        except _SOURCE_ERRORS as exc:
             if stats is not None:
                 stats.failed_files += 1
                 stats.failed_paths.append(rel)
@@ -459,6 +567,568 @@ def stdlib_modules(
 
 
 # --------------------------------------------------------------------------------------------------------
+# corpus tasks: shared pieces
+
+#: Environment variable naming the shared data folder (the one holding ``science/`` and ``dialogue/``).
+SHARED_DATA_ENV = "SADIFFUSEQ_SHARED_DATA"
+
+SCIENCE_DEFAULT = "science/sumpubmed_3k.jsonl.gz"
+DIALOGUE_DEFAULT = "dialogue"
+
+#: Directories never descended into when scanning a user-given code tree (dot-directories are skipped too).
+CODE_SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_modules"})
+
+
+def _shared_data_dirs() -> list[Path]:
+    """Where the shared data folder is looked for, in order (see the module docstring)."""
+    dirs = []
+    if os.environ.get(SHARED_DATA_ENV):
+        dirs.append(Path(os.environ[SHARED_DATA_ENV]))
+    dirs.append(Path("..", "shared", "data"))
+    here = Path(__file__).resolve()
+    if here.parents[2].name == "src":  # a source checkout: <repo>/src/sadiffuseq/data/sources.py
+        dirs.append(here.parents[3].parent / "shared" / "data")
+    unique: dict[Path, Path] = {}
+    for d in dirs:
+        unique.setdefault(d.resolve(), d)
+    return list(unique.values())
+
+
+def _default_corpus(task: str, rel: str, what: str) -> Path:
+    looked = [d / rel for d in _shared_data_dirs()]
+    for candidate in looked:
+        if candidate.exists():
+            return candidate
+    places = ", ".join(str(c) for c in looked)
+    raise UserError(
+        f"{task}: no path given and the default corpus is not there (looked for {places}); "
+        f"pass the task's path option ({what}) or set {SHARED_DATA_ENV} to the shared data folder"
+    )
+
+
+def _check_int(task: str, name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{task}: option {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_str(task: str, name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{task}: option {name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _existing_file(task: str, path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file ({task} expects {what})")
+    if not p.is_file():
+        raise UserError(f"{p}: not a file ({task} expects {what})")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------------
+# science papers (SumPubMed: {id, text, abstract, shorter_abstract})
+
+
+def _science(task: str, path, abstract_field: str, text_field: str, reverse: bool) -> Iterator[Example]:
+    what = "a jsonl(.gz) file of papers with 'id', abstract and text fields"
+    _check_str(task, "abstract_field", abstract_field)
+    _check_str(task, "text_field", text_field)
+    p = _existing_file(task, path if path is not None else _default_corpus(task, SCIENCE_DEFAULT, what), what)
+
+    def examples() -> Iterator[Example]:
+        for rec in _iter_records(p):
+            abstract = _field(rec.data, abstract_field, rec.where, str).strip()
+            text = _field(rec.data, text_field, rec.where, str).strip()
+            src, trg = (text, abstract) if reverse else (abstract, text)
+            yield Example(src=src, trg=trg, doc_id=_record_id(rec))
+
+    return examples()
+
+
+def science_abstract_to_text(
+    path: str | os.PathLike | None = None, *, abstract_field: str = "abstract", text_field: str = "text"
+) -> Iterator[Example]:
+    """Scientific papers: src = the abstract, trg = the full text (SumPubMed: ~300 -> ~4,000 words).
+
+    ``path``: a jsonl(.gz) file of ``{id, abstract, text}`` records (default
+    ``<shared data>/science/sumpubmed_3k.jsonl.gz``). ``abstract_field`` may name another summary field
+    (SumPubMed also has ``shorter_abstract``). Both texts are stripped of surrounding whitespace and kept
+    otherwise as written. ``doc_id`` = the record's ``id`` (else ``<file>:<line>``).
+    """
+    return _science("science_abstract_to_text", path, abstract_field, text_field, reverse=False)
+
+
+def science_text_to_abstract(
+    path: str | os.PathLike | None = None, *, abstract_field: str = "abstract", text_field: str = "text"
+) -> Iterator[Example]:
+    """Scientific papers: src = the full text, trg = the abstract (the reverse of ``science_abstract_to_text``)."""
+    return _science("science_text_to_abstract", path, abstract_field, text_field, reverse=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# dialogue transcripts (QMSum meetings, CRD3 game sessions)
+
+
+def _turn_line(speaker: str, text: str) -> str | None:
+    """``"Speaker: utterance"`` on one line (runs of whitespace become one space); None for an empty turn."""
+    words = text.split()
+    return f"{' '.join(speaker.split())}: {' '.join(words)}" if words else None
+
+
+def _qmsum_transcript(rec: _Record) -> tuple[str, list[str]]:
+    where = rec.where
+    meeting = _field(rec.data, "meeting_id", where, str).strip()
+    lines = []
+    for k, turn in enumerate(_field(rec.data, "meeting_transcripts", where, list, allow_empty=True)):
+        label = f"meeting_transcripts[{k}]"
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}: field {label!r} must be a JSON object, got {_json_type(turn)}")
+        speaker = _field(turn, "speaker", where, str, f"{label}.speaker")
+        line = _turn_line(speaker, _field(turn, "content", where, str, f"{label}.content", allow_empty=True))
+        if line is not None:
+            lines.append(line)
+    return f"qmsum:{meeting}", lines
+
+
+def _crd3_transcript(rec: _Record) -> tuple[str, list[str]]:
+    where = rec.where
+    episode = _field(rec.data, "episode", where, str).strip()
+    lines = []
+    for k, turn in enumerate(_field(rec.data, "turns", where, list, allow_empty=True)):
+        label = f"turns[{k}]"
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}: field {label!r} must be a JSON object, got {_json_type(turn)}")
+        names = _field(turn, "names", where, list, f"{label}.names")
+        for m, name in enumerate(names):
+            if not isinstance(name, str) or not name.strip():
+                raise UserError(f"{where}: field '{label}.names[{m}]' must be a non-empty string, got {name!r}")
+        text = _field(turn, "text", where, str, f"{label}.text", allow_empty=True)
+        line = _turn_line(" & ".join(n.strip() for n in names), text)
+        if line is not None:
+            lines.append(line)
+    return f"crd3:{episode}", lines
+
+
+class _DialogueCorpus(NamedTuple):
+    name: str  # file-name prefix and doc_id prefix
+    label: str
+    key: str  # the transcript field, which identifies a record of this corpus
+    read: Callable[[_Record], tuple[str, list[str]]]
+
+
+_DIALOGUE_CORPORA = {
+    "qmsum": _DialogueCorpus("qmsum", "QMSum", "meeting_transcripts", _qmsum_transcript),
+    "crd3": _DialogueCorpus("crd3", "CRD3", "turns", _crd3_transcript),
+}
+_DIALOGUE_FILES_WHAT = "a QMSum/CRD3 jsonl(.gz) file, or a directory of qmsum*.jsonl(.gz) / crd3*.jsonl(.gz) files"
+
+
+def _dialogue_corpora(task: str, corpus: str) -> list[_DialogueCorpus]:
+    if corpus == "both":
+        return list(_DIALOGUE_CORPORA.values())
+    if corpus not in _DIALOGUE_CORPORA:
+        raise UserError(f"{task}: option corpus must be 'both', 'qmsum' or 'crd3', got {corpus!r}")
+    return [_DIALOGUE_CORPORA[corpus]]
+
+
+def _dialogue_files(task: str, path, corpora: list[_DialogueCorpus]) -> list[Path]:
+    """The files to read: ``path`` itself, or the matching files of a directory (QMSum first, by name)."""
+    p = Path(path) if path is not None else _default_corpus(task, DIALOGUE_DEFAULT, _DIALOGUE_FILES_WHAT)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory ({task} expects {_DIALOGUE_FILES_WHAT})")
+    if p.is_file():
+        return [p]
+    files = []
+    for c in corpora:
+        files.extend(
+            sorted(
+                f
+                for f in p.iterdir()
+                if f.is_file() and f.name.startswith(c.name) and f.name.endswith((".jsonl", ".jsonl.gz"))
+            )
+        )
+    if not files:
+        wanted = " or ".join(f"{c.name}*.jsonl(.gz)" for c in corpora)
+        raise UserError(f"{p}: no {wanted} files in this directory ({task} expects {_DIALOGUE_FILES_WHAT})")
+    return files
+
+
+def _transcript(rec: _Record, corpora: list[_DialogueCorpus]) -> tuple[str, list[str]]:
+    """(doc_id, ``Speaker: utterance`` lines) of a record of one of ``corpora`` (told apart by their fields)."""
+    for c in corpora:
+        if c.key in rec.data:
+            return c.read(rec)
+    wanted = " or ".join(f"{c.key!r} ({c.label})" for c in corpora)
+    raise UserError(f"{rec.where}: missing field {wanted}")
+
+
+def _turn_windows(
+    counts: list[int],
+    start: int,
+    *,
+    history_words: int,
+    target_words: int,
+    stride_turns: int | None,
+    min_target_words: int,
+    max_windows: int | None = None,
+) -> Iterator[tuple[int, int, int]]:
+    """Windows ``(h, i, j)`` over turns with ``counts[t]`` words each: history = turns h..i-1, target = i..j-1.
+
+    The target takes turns from ``i`` while their words stay within ``target_words``; the history takes
+    turns backwards from ``i - 1`` while within ``history_words`` (none when ``history_words`` is 0). Each
+    takes at least one turn, so a single turn longer than its budget is kept whole. The next window starts
+    at ``j`` (``stride_turns`` None: targets tile the transcript) or ``i + stride_turns``. Windows whose
+    target has fewer than ``min_target_words`` words are left out; at most ``max_windows`` are yielded.
+    """
+    n, i, made = len(counts), start, 0
+    while i < n and (max_windows is None or made < max_windows):
+        j, size = i, 0
+        while j < n and (j == i or size + counts[j] <= target_words):
+            size += counts[j]
+            j += 1
+        h, hist = i, 0
+        while history_words and h > 0 and (h == i or hist + counts[h - 1] <= history_words):
+            hist += counts[h - 1]
+            h -= 1
+        if size >= min_target_words:
+            yield h, i, j
+            made += 1
+        i = j if stride_turns is None else i + stride_turns
+
+
+def _next_turns(
+    task: str,
+    path,
+    corpus: str,
+    history_words: int,
+    target_words: int,
+    stride_turns: int | None,
+    min_history_words: int,
+    min_target_words: int,
+) -> Iterator[Example]:
+    corpora = _dialogue_corpora(task, corpus)
+    _check_int(task, "history_words", history_words)
+    _check_int(task, "target_words", target_words)
+    if stride_turns is not None:
+        _check_int(task, "stride_turns", stride_turns)
+    _check_int(task, "min_history_words", min_history_words, 0)
+    _check_int(task, "min_target_words", min_target_words, 0)
+    files = _dialogue_files(task, path, corpora)
+
+    def examples() -> Iterator[Example]:
+        for f in files:
+            for rec in _iter_records(f):
+                doc_id, lines = _transcript(rec, corpora)
+                counts = [len(line.split()) for line in lines]
+                # The first target starts after at least one turn and at least min_history_words words.
+                start, before = 1, counts[0] if counts else 0
+                while start < len(counts) and before < min_history_words:
+                    before += counts[start]
+                    start += 1
+                windows = _turn_windows(
+                    counts,
+                    start,
+                    history_words=history_words,
+                    target_words=target_words,
+                    stride_turns=stride_turns,
+                    min_target_words=min_target_words,
+                )
+                for h, i, j in windows:
+                    yield Example(src="\n".join(lines[h:i]), trg="\n".join(lines[i:j]), doc_id=doc_id)
+
+    return examples()
+
+
+def dialogue_next_turns(
+    path: str | os.PathLike | None = None,
+    *,
+    corpus: str = "both",
+    history_words: int = 1500,
+    target_words: int = 3000,
+    stride_turns: int | None = None,
+    min_history_words: int = 0,
+    min_target_words: int = 1,
+) -> Iterator[Example]:
+    """Dialogue continuation: src = the last turns of a transcript, trg = the turns that follow.
+
+    Each turn is one line ``Speaker: utterance`` (CRD3 turns spoken together: ``A & B: ...``; whitespace
+    runs become one space; empty turns are dropped). Word budgets count the whitespace-separated words of
+    these lines, speaker label included, and windows are cut only at turn boundaries:
+
+    * trg = the turns from turn ``i`` on while within ``target_words`` (at least one turn);
+    * src = the turns before ``i``, going back while within ``history_words`` (at least one turn);
+    * the first ``i`` is the first turn boundary after at least one turn and ``min_history_words`` words;
+      the next ``i`` is where the previous target ended (``stride_turns`` None: targets tile the rest of
+      the transcript without overlap) or ``stride_turns`` turns further on;
+    * windows whose target has fewer than ``min_target_words`` words are left out.
+
+    ``path``: a QMSum or CRD3 jsonl(.gz) file (records told apart by their ``meeting_transcripts`` /
+    ``turns`` field) or a directory, of which the ``qmsum*.jsonl(.gz)`` and ``crd3*.jsonl(.gz)`` files are
+    read (QMSum first). Default: ``<shared data>/dialogue``. ``corpus``: ``"both"``, ``"qmsum"`` or
+    ``"crd3"``. ``doc_id`` = ``"qmsum:<meeting_id>"`` or ``"crd3:<episode>"``, so all windows of a
+    transcript share a split (CRD3's own ``split`` field is not used).
+    """
+    return _next_turns(
+        "dialogue_next_turns",
+        path,
+        corpus,
+        history_words,
+        target_words,
+        stride_turns,
+        min_history_words,
+        min_target_words,
+    )
+
+
+def qmsum_next_turns(path: str | os.PathLike | None = None, **options) -> Iterator[Example]:
+    """:func:`dialogue_next_turns` on the QMSum meeting transcripts only (same options but ``corpus``)."""
+    return _next_turns("qmsum_next_turns", path, "qmsum", **_next_turn_options("qmsum_next_turns", options))
+
+
+def crd3_next_turns(path: str | os.PathLike | None = None, **options) -> Iterator[Example]:
+    """:func:`dialogue_next_turns` on the CRD3 episode transcripts only (same options but ``corpus``)."""
+    return _next_turns("crd3_next_turns", path, "crd3", **_next_turn_options("crd3_next_turns", options))
+
+
+_NEXT_TURN_DEFAULTS = {
+    "history_words": 1500,
+    "target_words": 3000,
+    "stride_turns": None,
+    "min_history_words": 0,
+    "min_target_words": 1,
+}
+
+
+def _next_turn_options(task: str, options: dict) -> dict:
+    unknown = sorted(set(options) - set(_NEXT_TURN_DEFAULTS))
+    if unknown:
+        raise UserError(f"{task}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(_NEXT_TURN_DEFAULTS)}")
+    return {**_NEXT_TURN_DEFAULTS, **options}
+
+
+def crd3_synopsis_to_transcript(
+    path: str | os.PathLike | None = None,
+    *,
+    target_words: int = 3000,
+    windows: int = 1,
+    history_words: int = 0,
+    min_target_words: int = 1,
+) -> Iterator[Example]:
+    """Episode synopsis -> transcript: src = a CRD3 episode's ``synopsis``, trg = its transcript's opening.
+
+    The transcript is formatted as in :func:`dialogue_next_turns`. trg = the first turns within
+    ``target_words`` words; with ``windows`` > 1 the next windows follow without overlap (at most
+    ``windows`` per episode). As every window of an episode would otherwise get the same src, later
+    windows should be given ``history_words`` > 0: src is then the synopsis, a blank line, and the last
+    turns before the window within ``history_words`` words. ``path``: a CRD3 jsonl(.gz) file or a
+    directory holding ``crd3*.jsonl(.gz)`` (default ``<shared data>/dialogue``). ``doc_id`` =
+    ``"crd3:<episode>"``.
+    """
+    task = "crd3_synopsis_to_transcript"
+    corpora = _dialogue_corpora(task, "crd3")
+    _check_int(task, "target_words", target_words)
+    _check_int(task, "windows", windows)
+    _check_int(task, "history_words", history_words, 0)
+    _check_int(task, "min_target_words", min_target_words, 0)
+    files = _dialogue_files(task, path, corpora)
+
+    def examples() -> Iterator[Example]:
+        for f in files:
+            for rec in _iter_records(f):
+                doc_id, lines = _transcript(rec, corpora)
+                synopsis = _field(rec.data, "synopsis", rec.where, str).strip()
+                counts = [len(line.split()) for line in lines]
+                cuts = _turn_windows(
+                    counts,
+                    0,
+                    history_words=history_words,
+                    target_words=target_words,
+                    stride_turns=None,
+                    min_target_words=min_target_words,
+                    max_windows=windows,
+                )
+                for h, i, j in cuts:
+                    src = synopsis if h == i else synopsis + "\n\n" + "\n".join(lines[h:i])
+                    yield Example(src=src, trg="\n".join(lines[i:j]), doc_id=doc_id)
+
+    return examples()
+
+
+# --------------------------------------------------------------------------------------------------------
+# any tree of Python files
+
+
+def _code_tree(task: str, path, skip_dirs) -> tuple[Path, frozenset[str], bool]:
+    """(root, directories to skip, skip dot-directories) for a code task."""
+    if path is None:
+        root, skip, hidden = stdlib_root(), SKIP_DIRS, False
+    else:
+        root, skip, hidden = Path(path), CODE_SKIP_DIRS, True
+        if not root.is_dir():
+            problem = "not a directory" if root.exists() else "no such directory"
+            raise UserError(f"{root}: {problem} ({task} expects a directory of .py files)")
+    if skip_dirs is not None:
+        skip = frozenset([skip_dirs] if isinstance(skip_dirs, str) else skip_dirs)
+    return root, skip, hidden
+
+
+def code_module(
+    path: str | os.PathLike | None = None,
+    *,
+    skip_dirs: frozenset[str] | list[str] | None = None,
+    stats: ScanStats | None = None,
+) -> Iterator[Example]:
+    """:func:`stdlib_modules` for any directory of ``.py`` files: docstring + headers -> module source.
+
+    ``path``: the root directory (default: the running interpreter's standard library, which gives exactly
+    the ``stdlib_modules`` examples). ``skip_dirs``: directory names not descended into (default
+    :data:`SKIP_DIRS` for the standard library; for a given ``path`` :data:`CODE_SKIP_DIRS` plus every
+    dot-directory). ``doc_id`` = the file's path relative to the root.
+    """
+    root, skip, hidden = _code_tree("code_module", path, skip_dirs)
+
+    def examples() -> Iterator[Example]:
+        for mod in _load_modules(root, stats, skip, hidden):
+            ex = _module_example(mod)
+            if stats is not None:
+                stats.count(ex)
+            if ex is not None:
+                yield ex
+
+    return examples()
+
+
+def _prefix_split(text: str, fraction: float, min_lines: int) -> tuple[str, str] | None:
+    """Cut ``text`` (blank edge lines removed) at the line boundary nearest ``fraction`` of its characters.
+
+    The prefix keeps at least one line and the rest at least one; ``prefix + "\\n" + rest`` is the text.
+    Texts of fewer than ``min_lines`` lines (at least 2) give None.
+    """
+    lines = _strip_blank_edges(text.split("\n"))
+    if len(lines) < max(2, min_lines):
+        return None
+    goal = fraction * (sum(len(line) + 1 for line in lines) - 1)
+    best, best_gap, offset = 1, None, 0
+    for k in range(1, len(lines)):
+        offset += len(lines[k - 1]) + 1  # characters before line k
+        gap = abs(offset - goal)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = k, gap
+        if offset > goal:
+            break
+    return "\n".join(lines[:best]), "\n".join(lines[best:])
+
+
+def code_prefix(
+    path: str | os.PathLike | None = None,
+    *,
+    prefix_fraction: float = 0.25,
+    min_lines: int = 4,
+    skip_dirs: frozenset[str] | list[str] | None = None,
+    stats: ScanStats | None = None,
+) -> Iterator[Example]:
+    """File continuation for any directory of ``.py`` files: src = the first lines of a file, trg = the rest.
+
+    Leading and trailing blank lines are dropped; the file is cut at the line boundary whose character
+    offset is nearest ``prefix_fraction`` of its length (the prefix has at least one line, the rest too),
+    so ``src + "\\n" + trg`` is the file. Files with fewer than ``min_lines`` lines are skipped (counted in
+    ``stats.skipped``). The file need not parse. ``path``, ``skip_dirs`` and ``doc_id`` as in
+    :func:`code_module`.
+    """
+    task = "code_prefix"
+    fraction_ok = isinstance(prefix_fraction, (int, float)) and not isinstance(prefix_fraction, bool)
+    if not fraction_ok or not 0 < prefix_fraction < 1:
+        raise UserError(f"{task}: option prefix_fraction must be strictly between 0 and 1, got {prefix_fraction!r}")
+    _check_int(task, "min_lines", min_lines)
+    root, skip, hidden = _code_tree(task, path, skip_dirs)
+
+    def examples() -> Iterator[Example]:
+        for rel, text in _load_sources(root, stats, skip, hidden):
+            cut = _prefix_split(text, prefix_fraction, min_lines)
+            ex = None if cut is None else Example(src=cut[0], trg=cut[1], doc_id=rel)
+            if stats is not None:
+                stats.count(ex)
+            if ex is not None:
+                yield ex
+
+    return examples()
+
+
+# --------------------------------------------------------------------------------------------------------
+# plain text files
+
+_WORD = re.compile(r"\S+")
+
+
+def text_prefix(
+    path: str | os.PathLike | None = None,
+    *,
+    prefix_words: int = 256,
+    target_words: int = 3000,
+    min_target_words: int = 1,
+    suffixes: tuple[str, ...] | list[str] = (".txt", ".md"),
+    stats: ScanStats | None = None,
+) -> Iterator[Example]:
+    """Text continuation: src = the first ``prefix_words`` words of a file, trg = the next ``target_words``.
+
+    ``path`` (required): a text file, or a directory whose files ending in one of ``suffixes``
+    (case-insensitive) are read, recursively, in sorted order, skipping dot-directories. Files must be
+    UTF-8. Words are runs of non-whitespace; both texts keep the file's own spacing and line breaks
+    between their words (the whitespace between src and trg is dropped). Files with fewer than
+    ``prefix_words + min_target_words`` words are skipped (counted in ``stats.skipped``). ``doc_id`` = the
+    file's path relative to the directory (its name for a single file).
+    """
+    task = "text_prefix"
+    _check_int(task, "prefix_words", prefix_words)
+    _check_int(task, "target_words", target_words)
+    _check_int(task, "min_target_words", min_target_words)
+    if isinstance(suffixes, str):
+        suffixes = (suffixes,)
+    ends = tuple(s.lower() for s in suffixes)
+    if path is None:
+        raise UserError(f"{task}: pass the task's path option (a text file, or a directory of {'/'.join(ends)} files)")
+    root = Path(path)
+    if root.is_file():
+        files, base = [root], root.parent
+    elif root.is_dir():
+        files, base = [], root
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            files.extend(Path(dirpath, f) for f in filenames if f.lower().endswith(ends))
+        files.sort(key=lambda q: q.relative_to(root).as_posix())
+        if not files:
+            raise UserError(f"{root}: no {'/'.join(ends)} files in this directory ({task} expects plain-text files)")
+    else:
+        raise UserError(f"{root}: no such file or directory ({task} expects a text file or a directory of them)")
+
+    def examples() -> Iterator[Example]:
+        for f in files:
+            if stats is not None:
+                stats.files += 1
+            try:
+                text = f.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{f}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            except OSError as exc:
+                raise UserError(f"{f}: cannot read file: {exc}") from None
+            text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+            words = list(itertools.islice(_WORD.finditer(text), prefix_words + target_words))
+            ex = None
+            if len(words) >= prefix_words + min_target_words:
+                src = text[: words[prefix_words - 1].end()]
+                trg = text[words[prefix_words].start() : words[-1].end()]
+                ex = Example(src=src, trg=trg, doc_id=f.relative_to(base).as_posix())
+            if stats is not None:
+                stats.count(ex)
+            if ex is not None:
+                yield ex
+
+    return examples()
+
+
+# --------------------------------------------------------------------------------------------------------
 # splits and registry
 
 
@@ -485,6 +1155,29 @@ def split_of(doc_id: str, seed: int = 0, valid_frac: float = 0.05, test_frac: fl
 TASKS: dict[str, Callable[..., Iterator[Example]]] = {
     "stdlib_functions": stdlib_functions,
     "stdlib_modules": stdlib_modules,
+    "code_module": code_module,
+    "code_prefix": code_prefix,
+    "text_prefix": text_prefix,
+    "science_abstract_to_text": science_abstract_to_text,
+    "science_text_to_abstract": science_text_to_abstract,
+    "dialogue_next_turns": dialogue_next_turns,
+    "qmsum_next_turns": qmsum_next_turns,
+    "crd3_next_turns": crd3_next_turns,
+    "crd3_synopsis_to_transcript": crd3_synopsis_to_transcript,
+}
+
+_DESCRIPTIONS = {
+    "stdlib_functions": "Python stdlib functions: def line(s) + docstring -> body (short; the CPU demo task)",
+    "stdlib_modules": "Python stdlib modules: docstring + def/class headers -> module source (long)",
+    "code_module": "any .py tree (path=dir, default: stdlib): docstring + def/class headers -> module source",
+    "code_prefix": "any .py tree (path=dir, default: stdlib): first ~25% of a file's lines -> the rest",
+    "text_prefix": "plain-text files (path=.txt/.md file or dir, required): first 256 words -> next <=3000 words",
+    "science_abstract_to_text": "SumPubMed papers (path=jsonl.gz): abstract (~300 words) -> full text (~4,000 words)",
+    "science_text_to_abstract": "SumPubMed papers (path=jsonl.gz): full text (~4,000 words) -> abstract (~300 words)",
+    "dialogue_next_turns": "QMSum meetings + CRD3 episodes (path=file or dir): last <=1500 words -> next <=3000 words",
+    "qmsum_next_turns": "QMSum meeting transcripts: last <=1500 words -> next <=3000 words of turns",
+    "crd3_next_turns": "CRD3 game-session transcripts: last <=1500 words -> next <=3000 words of turns",
+    "crd3_synopsis_to_transcript": "CRD3 episodes: synopsis (~1,600 words) -> first <=3000 words of the transcript",
 }
 
 
@@ -494,3 +1187,13 @@ def get_task(name: str) -> Callable[..., Iterator[Example]]:
         return TASKS[name]
     except KeyError:
         raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None
+
+
+def task_names() -> list[str]:
+    """The registered task names, sorted."""
+    return sorted(TASKS)
+
+
+def describe_tasks() -> dict[str, str]:
+    """Task name -> a one-line description (for ``--help``), in sorted order."""
+    return {name: _DESCRIPTIONS.get(name, "") for name in task_names()}
