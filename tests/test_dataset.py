@@ -103,3 +103,22 @@ def test_missing_file_is_a_clear_error(tmp_path, capsys):
     code = main(["data", *tiny_overrides(tmp_path, **{"data.train_path": tmp_path / "nope.jsonl"})])
     err = capsys.readouterr().err
     assert code == 2 and "nope.jsonl" in err
+
+
+def test_named_task_takes_its_input_and_options_from_config(tmp_path):
+    docs = tmp_path / "texts"
+    docs.mkdir()
+    for i in range(12):
+        (docs / f"doc{i}.txt").write_text(" ".join(f"w{i}_{j}" for j in range(40)))
+    cfg = load_config(None, [f"--data.train_path={docs}", "--data.task=text_prefix", "--data.vocab_size=300",
+                             "--data.task_options={prefix_words: 5, target_words: 7}", "--data.seq_len=64",
+                             "--data.max_src_len=32", "--data.valid_frac=0", "--data.test_frac=0"])
+    build_dataset(cfg.data, tmp_path / "d", progress=False)
+    split = TokenizedSplit(tmp_path / "d", "train")
+    tok = load_tokenizer(tmp_path / "d" / "tokenizer.json")
+    assert len(split) == 12
+    assert all(len(decode(tok, split.source(i).tolist()).split()) == 5 for i in range(12))
+    assert all(len(decode(tok, split.target(i).tolist()).split()) == 7 for i in range(12))
+    bad = load_config(None, [f"--data.train_path={docs}", "--data.task=text_prefix", "--data.task_options={nope: 1}"])
+    with pytest.raises(UserError, match="nope"):
+        build_dataset(bad.data, tmp_path / "bad", progress=False)

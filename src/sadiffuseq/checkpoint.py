@@ -148,6 +148,6 @@ def load_model(ckpt: str | Path, device: torch.device | str = "cpu", weights: st
     cfg = load_checkpoint_config(ckpt)
     tokenizer = load_tokenizer(ckpt / "tokenizer.json")
     state = load_weights(ckpt, weights)
-    model = Denoiser(cfg.model, state["embed.weight"].shape[0])
+    model = Denoiser(cfg.model, state["embed.weight"].shape[0], absorbing=cfg.diffusion.absorbing)
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
     return model.to(device).eval(), cfg, tokenizer

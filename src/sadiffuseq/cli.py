@@ -37,6 +37,14 @@ def preset_path(name: str) -> Path:
     return candidate
 
 
+def _tasks_help() -> str:
+    from sadiffuseq.data.sources import describe_tasks
+
+    lines = ["  jsonl" + " " * 26 + "a jsonl file of {src, trg} records (data.train_path, optional valid/test paths)"]
+    lines += [f"  {name:<30} {text}" for name, text in sorted(describe_tasks().items())]
+    return "\n".join(lines) + "\n"
+
+
 def _presets() -> str:
     return ", ".join(sorted(x.stem for x in PRESETS.glob("*.yaml")))
 
@@ -193,8 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read the task's examples, split them by document, train the BPE tokenizer on the training "
         "split and store token arrays in data.dir (default <train.out_dir>/data). Reuses a folder built with the "
         "same settings; reports how many examples were truncated or dropped to fit data.seq_len.",
-        epilog="example:\n  sadiffuseq data --config tiny\n  sadiffuseq data --data.task=jsonl "
-        "--data.train_path=pairs.jsonl --data.dir=data_cache/pairs\n\n" + settings,
+        epilog="tasks (data.task; data.train_path overrides a task's default input, data.task_options its options):\n"
+        + _tasks_help()
+        + "\nexamples:\n  sadiffuseq data --config tiny\n  sadiffuseq data --data.task=jsonl "
+        "--data.train_path=pairs.jsonl --data.dir=data_cache/pairs\n"
+        "  sadiffuseq data --data.task=dialogue_next_turns --data.task_options='{history_words: 1000}' "
+        "--data.seq_len=8192 --data.max_src_len=2048 --data.dir=data_cache/dialogue\n\n" + settings,
     )
     p.add_argument("--config", help="preset name or YAML file")
     p.set_defaults(func=cmd_data)

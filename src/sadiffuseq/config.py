@@ -47,6 +47,18 @@ class ModelConfig:
     global_every: int = 0  # also every k-th position (0: none)
     global_proj: bool = False  # Longformer's separate q/k/v projections for the global attention rows
     attention_backend: str = "auto"  # auto (flex on CUDA, banded on CPU), flex, banded, dense (reference, O(L²))
+    flex_global_copies: bool = False  # flex: schedule global tokens as private key copies (see attention/backends.py)
+    # Mixture-of-Experts feed-forward (model.ffn=moe); see moe.py.
+    moe_experts: int = 8  # E routed experts per MoE layer
+    moe_top_k: int = 2  # experts each token is sent to (token-choice routing)
+    moe_layers: list[int] = field(default_factory=list)  # layers (0-based) with experts; empty: every layer
+    moe_ffn_mult: float = 0.0  # expert width = moe_ffn_mult * d_model; 0: ffn_mult / (top_k + shared), the dense FLOPs
+    moe_shared_expert: bool = False  # one more expert of the same width that every token goes through
+    moe_capacity_factor: float = 0.0  # 0: dropless; c > 0: at most ceil(c * tokens * top_k / E) per expert
+    moe_aux_weight: float = 0.01  # Switch load-balancing loss weight, per MoE layer
+    moe_z_weight: float = 0.001  # router z-loss weight, per MoE layer
+    moe_bias_update: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3) bias step per training step; 0: off
+    moe_impl: str = "auto"  # expert matmuls: auto (grouped where supported, else loop), grouped, loop
 
     def validate(self) -> None:
         _positive(self, "d_model", "n_layers", "n_heads", "d_emb", "ffn_mult", "rope_base")
@@ -73,7 +85,21 @@ class ModelConfig:
                 f"model.layer_windows={self.layer_windows} must list one window >= 0 per layer "
                 f"(model.n_layers={self.n_layers})"
             )
-        _choice(self, "ffn", ("dense",))
+        _choice(self, "ffn", ("dense", "moe"))
+        _positive(self, "moe_experts", "moe_top_k")
+        _non_negative(self, "moe_ffn_mult", "moe_capacity_factor", "moe_aux_weight", "moe_z_weight", "moe_bias_update")
+        _choice(self, "moe_impl", ("auto", "grouped", "loop"))
+        if self.moe_top_k > self.moe_experts:
+            raise UserError(
+                f"model.moe_top_k={self.moe_top_k} exceeds model.moe_experts={self.moe_experts}: "
+                "a token cannot be sent to more experts than there are"
+            )
+        bad = [i for i in self.moe_layers if not 0 <= i < self.n_layers]
+        if bad or len(set(self.moe_layers)) != len(self.moe_layers):
+            raise UserError(
+                f"model.moe_layers={self.moe_layers} must list distinct layer indices in [0, {self.n_layers - 1}] "
+                f"(model.n_layers={self.n_layers}; layers are counted from 0)"
+            )
 
 
 @dataclass
@@ -86,6 +112,15 @@ class DiffusionConfig:
     rounding_weight: float = 1.0  # cross-entropy that keeps the embedding space decodable
     prior_weight: float = 1.0  # ||sqrt(abar_T) x0||^2: the endpoint must be close to N(0, I)
     pred_ce_weight: float = 0.0  # optional cross-entropy of the *predicted* x0 (0 = DiffuSeq's loss)
+    # Soft absorbing state (DiffuSeq-v2, Gong et al. 2023; see diffusion/process.py). Off = DiffuSeq exactly.
+    absorbing: bool = False  # learned vector m: x_t is centred on m, target tokens are replaced by m
+    absorb_gamma: float = 0.5  # γ: a target token is absorbed with probability γ·sqrt(1-abar_t), in [0, 1]
+    absorb_reg: float = 0.01  # weight of the regulariser ||m|| added to the loss
+    # Ours (sparse-attention tailoring): the first n positions of a row are never absorbed. They are the
+    # sparse-attention global tokens, so this should equal model.global_first (0 absorbs every target).
+    absorb_protect_global: int = 16
+    absorb_stratified: bool = False  # ours: exactly round(p·n) absorbed in each window instead of Bernoulli draws
+    absorb_window: int = 256  # stratified mode: window of this many consecutive (absorbable) target positions
 
     def validate(self) -> None:
         _positive(self, "steps")
@@ -94,14 +129,18 @@ class DiffusionConfig:
         _choice(self, "schedule", ("sqrt", "cosine", "linear"))
         _choice(self, "timestep_sampler", ("loss_aware", "uniform"))
         _non_negative(self, "rounding_weight", "prior_weight", "pred_ce_weight")
+        _in_range(self, "absorb_gamma", 0.0, 1.0)
+        _non_negative(self, "absorb_reg", "absorb_protect_global")
+        _positive(self, "absorb_window")
 
 
 @dataclass
 class DataConfig:
     """Where examples come from and how they become token rows (see ``data/``)."""
 
-    task: str = "stdlib_functions"  # stdlib_functions, stdlib_modules or jsonl
-    train_path: str = ""  # jsonl task: training file ({src, trg} per line, .jsonl or .jsonl.gz)
+    task: str = "stdlib_functions"  # jsonl, or a named task (`sadiffuseq data --help` lists them)
+    train_path: str = ""  # jsonl: training file ({src, trg} per line, .jsonl[.gz]); named task: its input (optional)
+    task_options: dict[str, Any] = field(default_factory=dict)  # named task options, e.g. {history_words: 1000}
     valid_path: str = ""  # jsonl task: validation file (empty: split off the training file by document)
     test_path: str = ""  # jsonl task: test file (empty: split off the training file by document)
     src_field: str = "src"
@@ -117,7 +156,9 @@ class DataConfig:
     max_examples: int = 0  # cap on examples read per split (0 = all), for quick experiments
 
     def validate(self) -> None:
-        _choice(self, "task", ("stdlib_functions", "stdlib_modules", "jsonl"))
+        from sadiffuseq.data.sources import task_names
+
+        _choice(self, "task", ("jsonl", *task_names()))
         _positive(self, "seq_len", "max_src_len", "vocab_size")
         _non_negative(self, "max_examples")
         _choice(self, "overlong", ("truncate", "drop"))
@@ -333,6 +374,10 @@ def _coerce(value: Any, hint: Any, name: str, origin: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. --train.device=0 is not meant, but a numeric path component is harmless
         raise wrong
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        return dict(value)
     if typing.get_origin(hint) is list:
         if not isinstance(value, (list, tuple)):
             raise wrong
@@ -347,6 +392,8 @@ def _coerce(value: Any, hint: Any, name: str, origin: str) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is dict:
+        return "a mapping, e.g. {key: value}"
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}s"
     if typing.get_origin(hint) is tuple:

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from sadiffuseq.attention.layer import SparseSelfAttention
 from sadiffuseq.attention.rotary import apply_rotary, rotary_tables
 from sadiffuseq.config import ModelConfig
+from sadiffuseq.moe import MoEFFN, collect_aux_losses, collect_stats, moe_modules, uses_moe
 
 
 @dataclass
@@ -80,7 +81,7 @@ class DenseSelfAttention(nn.Module):
 class DenseFFN(nn.Module):
     """The position-wise feed-forward of a transformer block (GELU)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         hidden = int(cfg.ffn_mult * cfg.d_model)
         self.up = nn.Linear(cfg.d_model, hidden)
@@ -92,7 +93,7 @@ class DenseFFN(nn.Module):
 
 # Registries: config name → module class. Sparse attention and MoE register here.
 ATTENTION: dict[str, type[nn.Module]] = {"dense": DenseSelfAttention, "sparse": SparseSelfAttention}
-FFN: dict[str, type[nn.Module]] = {"dense": DenseFFN}
+FFN: dict[str, type[nn.Module]] = {"dense": DenseFFN, "moe": MoEFFN}
 
 
 class Block(nn.Module):
@@ -101,7 +102,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = ATTENTION[cfg.attention](cfg, layer)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = FFN[cfg.ffn](cfg)
+        # With model.ffn=moe, the layers not listed in model.moe_layers keep the dense feed-forward.
+        self.ffn = FFN[cfg.ffn if cfg.ffn != "moe" or uses_moe(cfg, layer) else "dense"](cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -112,7 +114,7 @@ class Block(nn.Module):
 class Denoiser(nn.Module):
     """Predicts x0 (in embedding space, width d_emb) from x_t and the diffusion step t."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, absorbing: bool = False):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
@@ -128,6 +130,14 @@ class Denoiser(nn.Module):
         self.ln_out = nn.LayerNorm(d)
         self.down = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, e))
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The learned soft absorbing vector m of DiffuSeq-v2 (diffusion.absorbing; None otherwise). Our choice:
+        # zeros, so that at initialisation the m-centred Gaussian noising is exactly DiffuSeq's and m sits at the
+        # mean of the N(0, 1) word embeddings, far (norm 0 vs ≈sqrt(d_emb)) from every word; no RNG is used, so
+        # the other parameters are initialised identically with and without it.
+        if absorbing:
+            self.absorb = nn.Parameter(torch.zeros(e))
+        else:
+            self.register_parameter("absorb", None)
 
     def get_embeds(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)
@@ -145,6 +155,9 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x_t.shape
+        if self.training and torch.is_grad_enabled():  # MoE auxiliary-loss-free balancing: last step's counts
+            for m in moe_modules(self):
+                m.apply_bias_update()
         h = self.up(x_t) + self.time_mlp(timestep_embedding(t, self.cfg.d_model).to(x_t.dtype))[:, None, :]
         h = self.drop(self.ln_in(h))
         cos, sin = self._rope(L, x_t.device)
@@ -158,3 +171,14 @@ class Denoiser(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def moe_modules(self) -> list[MoEFFN]:
+        return moe_modules(self)
+
+    def aux_losses(self) -> dict[str, tuple[torch.Tensor, float]] | None:
+        """MoE auxiliary losses of the last forward, ``{name: (sum over MoE layers, weight)}``; None without MoE."""
+        return collect_aux_losses(self.moe_modules(), self.cfg)
+
+    def moe_stats(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Per-layer MoE statistics of the last forward (expert load, router entropy, dropped pairs); see moe.py."""
+        return collect_stats(self.moe_modules())

@@ -34,3 +34,38 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str | Non
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def plot_expert_load(metrics_path: str | Path, out_path: str | Path, title: str | None = None) -> Path:
+    """MoE expert load against step: one panel per MoE layer, one line per expert (fraction of the token
+    assignments it received, averaged over each log interval), with the balanced share 1/E dashed."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    layers = sorted({int(k.removeprefix("moe_load_l")) for r in records for k in r if k.startswith("moe_load_l")})
+    if not layers:
+        raise ValueError(f"{metrics_path} holds no MoE expert-load records (moe_load_l<layer>)")
+    cols = min(len(layers), 3)
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=120, squeeze=False, sharey=True)
+    for ax, layer in zip(axes.flat, layers):
+        key = f"moe_load_l{layer}"
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        steps = [s for s, _ in pts]
+        n_experts = len(pts[0][1])
+        for e in range(n_experts):
+            ax.plot(steps, [load[e] for _, load in pts], lw=1.2, label=f"expert {e}")
+        ax.axhline(1.0 / n_experts, color="black", ls="--", lw=0.8, label="balanced 1/E")
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("load fraction")
+    for ax in list(axes.flat)[len(layers) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper right", ncol=1 if len(labels) <= 9 else 2)
+    fig.suptitle(title or f"expert load — {Path(metrics_path).parent.name}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    out_path = Path(out_path)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

@@ -35,6 +35,7 @@ from sadiffuseq.diffusion.process import Diffusion
 from sadiffuseq.diffusion.timesteps import make_timestep_sampler
 from sadiffuseq.errors import UserError
 from sadiffuseq.model import Denoiser
+from sadiffuseq.moe import MoEStatsMeter
 from sadiffuseq.utils import autocast, autocast_dtype, resolve_device
 
 
@@ -53,7 +54,7 @@ def lr_at(step: int, cfg) -> float:
 
 def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Denoiser:
     torch.manual_seed(cfg.train.seed)
-    return Denoiser(cfg.model, vocab_size).to(device)
+    return Denoiser(cfg.model, vocab_size, absorbing=cfg.diffusion.absorbing).to(device)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
@@ -161,6 +162,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
     metrics = MetricsLog(run_dir / "metrics.jsonl", step if resume else None)
 
     fwd = torch.compile(model) if cfg.train.compile else model
+    # MoE: per-layer expert load, router entropy and dropped pairs, averaged over the steps of each log interval.
+    moe_meter = MoEStatsMeter() if model.moe_modules() else None
     n_params = model.num_parameters()
     log(f"model: {n_params / 1e6:.2f}M parameters, device {device}, autocast {dtype or 'fp32'}; run dir {run_dir}")
 
@@ -208,6 +211,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean())
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        if moe_meter is not None:
+            moe_meter.add(model.moe_stats())
         seen_rows += batch["ids"].numel()
         seen_targets += int(batch["input_mask"].sum()) - int(batch["pad_mask"].sum())
         interval_steps += 1
@@ -222,6 +227,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
             record.update({k: v / interval_steps for k, v in sums.items()})
             record["tokens_per_s"] = seen_rows / elapsed
             record["target_tokens_per_s"] = seen_targets / elapsed
+            if moe_meter is not None:
+                record.update(moe_meter.flush())
             if device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
@@ -247,6 +254,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
         from sadiffuseq.plots import plot_losses
 
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        if moe_meter is not None:
+            from sadiffuseq.plots import plot_expert_load
+
+            plot_expert_load(run_dir / "metrics.jsonl", run_dir / "expert_load.png")
     except ImportError:  # matplotlib missing: the numbers are in metrics.jsonl
         pass
     return run_dir

@@ -29,7 +29,7 @@ class SparseSelfAttention(nn.Module):
         self.window = cfg.layer_windows[layer] if cfg.layer_windows else cfg.window
         self.global_first, self.global_every = cfg.global_first, cfg.global_every
         self.backend = cfg.attention_backend
-        self.global_copies = getattr(cfg, "flex_global_copies", False)
+        self.global_copies = cfg.flex_global_copies
         dilations = cfg.dilations or [1] * cfg.n_heads
         # (dilation, head indices) groups; ``head_order`` restores the original head order after concatenation.
         self.groups = [(d, [h for h, dh in enumerate(dilations) if dh == d]) for d in sorted(set(dilations))]

@@ -80,8 +80,13 @@ def iter_examples(cfg: DataConfig) -> Iterator[tuple[str, sources.Example]]:
                 own = sources.read_jsonl_pairs(explicit[split], cfg.src_field, cfg.trg_field)
                 yield from capped((split, ex) for ex in own)
     else:
+        # Named tasks: data.train_path (if given) is the task's input file or folder, data.task_options its options.
         task = sources.get_task(cfg.task)
-        yield from capped((_split_of(cfg, ex.doc_id, {}), ex) for ex in task())
+        try:
+            examples = task(cfg.train_path or None, **cfg.task_options)
+        except TypeError as exc:
+            raise UserError(f"data.task_options={cfg.task_options} do not fit task {cfg.task!r}: {exc}") from None
+        yield from capped((_split_of(cfg, ex.doc_id, {}), ex) for ex in examples)
 
 
 def _split_of(cfg: DataConfig, doc_id: str, explicit: dict[str, str]) -> str:

@@ -23,6 +23,14 @@ Which training steps are visited (``spacing``): ``time`` spreads them evenly ove
 variable DPM-Solver integrates in (:func:`logsnr_timesteps`). Either spacing works with every sampler.
 
 Optional *clamping* (Diffusion-LM) snaps every x̂0 to its nearest word embedding before it is used.
+
+*Soft absorbing state* (``diffusion.absorbing``, DiffuSeq-v2; see ``process.py``): the process is centred on the
+learned vector m (``model.absorb``), so sampling starts from x_T = m + N(0, I) on target positions and every
+Gaussian update above is applied to y = x − m with the prediction ŷ0 = x̂0 − m (then x = y + m). After each
+update to step s, every target position is re-absorbed (set to m) with probability γ·σ_s, σ_s = sqrt(1−ᾱ_s) of
+the step moved to (the same rule as training's p_s, Bernoulli or stratified as configured), never at the
+protected global positions nor the source; the update into the last visited step is not followed by
+re-injection, so the final prediction sees no absorbed tokens. With absorbing off nothing here changes.
 """
 
 from __future__ import annotations
@@ -129,7 +137,9 @@ def sample_x0(
     src = model.get_embeds(ids).float()
     mask = input_mask[..., None]
     noise = torch.randn(src.shape, generator=generator, device=device, dtype=torch.float32)
-    x = torch.where(mask, noise, src)
+    m = diffusion.absorb_vector(model)  # soft absorbing state: the vector m, or None
+    m = None if m is None else m.detach().float()
+    x = torch.where(mask, noise if m is None else noise + m, src)
     ab = diffusion.alphas_cumprod
     timesteps = sampling_timesteps(diffusion, steps, spacing)
     x0 = x
@@ -145,6 +155,9 @@ def sample_x0(
             break
         s = timesteps[i + 1]
         ab_t, ab_s = float(ab[t]), float(ab[s])
+        pred = x0
+        if m is not None:  # absorbing: the Gaussian updates act on y = x − m, ŷ0 = x̂0 − m
+            x, x0 = x - m, x0 - m
         if sampler == "ddpm":
             beta = 1.0 - ab_t / ab_s
             mean = (ab_s**0.5 * beta / (1 - ab_t)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_s) / (1 - ab_t)) * x
@@ -164,6 +177,11 @@ def sample_x0(
                 d = (1 + half_inv_r) * x0 - half_inv_r * prev_x0
             x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
             prev_x0, prev_h = x0, h
+        if m is not None:
+            x, x0 = x + m, pred
+            if i + 2 < len(timesteps):  # re-inject with probability γ·σ_s, except before the final prediction
+                p = torch.full((ids.shape[0],), diffusion.cfg.absorb_gamma * (1 - ab_s) ** 0.5, device=device)
+                x = torch.where(diffusion.absorb_positions(input_mask, p, generator)[..., None], m, x)
         x = torch.where(mask, x, src)
     return x0
 

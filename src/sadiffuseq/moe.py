@@ -1,0 +1,385 @@
+"""Mixture-of-Experts feed-forward (MoE-DiffuSeq): router, dropless expert dispatch, auxiliary losses, statistics.
+
+A block with ``model.ffn=moe`` replaces its dense feed-forward by E experts (each a GELU MLP of width
+``expert_hidden(cfg)``) and a router. Every token (every position of every row) goes to ``top_k`` of them::
+
+    logits = x W_r            (fp32, autocast off)        probs = softmax(logits)          (fp32)
+    chosen = top_k(probs + b)  (b: optional balancing bias, selection only)
+    gates  = probs[chosen] / sum(probs[chosen])            (top_k > 1)   |   probs[chosen]   (top_k = 1)
+    y      = sum_j gates_j · FFN_{chosen_j}(x)  (+ shared_FFN(x) when model.moe_shared_expert)
+
+**Why route on the hidden state.** The router sees the block's input, which already carries the diffusion time
+embedding (added to every position before the first block) as well as the token's content. A heavily noised
+input (large t) and a nearly clean one (small t) need different computation — at large t the network mostly
+guesses x0 from the source and the context, at small t it mostly cleans up one token's embedding — so a
+time-aware router lets experts specialise by noise level as well as by content, at the cost of one d × E
+matrix. (Routing is per position; source, target and padding positions all pass through the router.)
+
+Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; everything here is ours):
+
+* **Gates** are renormalised over the chosen k experts (as Mixtral's softmax over the top-k logits), so the
+  output scale does not shrink as E grows. With ``top_k = 1`` the renormalised gate would be the constant 1
+  and the task loss would never reach the router, so there we keep the raw probability (as Switch).
+* **Expert width** ``moe_ffn_mult = 0`` means ``ffn_mult / (top_k + shared)``: every token then costs the same
+  FLOPs as the dense FFN (plus the d × E router), so MoE-vs-dense comparisons are at equal active compute.
+* **Dropless dispatch** (``moe_capacity_factor = 0``): the N·k (token, expert) pairs are sorted by expert; per-
+  expert counts give the offsets; each projection is then one grouped matmul (``torch._grouped_mm``) over
+  the sorted rows, or — where that kernel is missing or does not support the dtype/device/shape — one matmul
+  per expert over its contiguous slice (the same numbers). Results go back with ``index_add`` weighted by
+  the gates, accumulated in fp32.
+* **Capacity** (``moe_capacity_factor = c > 0``): each expert keeps at most ``ceil(c · N · k / E)`` pairs, in
+  token order (earlier positions first); the rest are dropped (that expert contributes nothing to that token;
+  the remaining gates are *not* renormalised) and counted in the statistics.
+* **Auxiliary losses** (per MoE layer, summed over layers, weighted by ``moe_aux_weight`` / ``moe_z_weight``):
+  Switch load balancing ``E · Σ_e f_e · P_e`` (f_e: fraction of the N·k assignments that went to e, before any
+  capacity drop; P_e: mean router probability of e; 1.0 when balanced) and the router z-loss
+  ``mean(logsumexp(logits)²)`` (keeps logits small so the fp32 softmax stays well conditioned).
+* **Auxiliary-loss-free balancing** (``moe_bias_update = γ > 0``, DeepSeek-V3): a per-expert bias b, added to
+  the probabilities for *selection only* (gates still come from the probabilities), is moved by
+  ``γ · sign(mean load − load_e)`` once per training step. The assignment counts of a training forward are
+  accumulated in ``route_pending`` and applied at the start of the next training forward of the
+  :class:`~sadiffuseq.model.Denoiser`, so an activation-checkpointing recompute routes exactly as the original
+  forward did. ``route_bias`` and ``route_pending`` are non-trainable parameters so they are saved in both
+  the raw and the EMA checkpoint (the EMA model routes with the averaged bias) and resume is exact. Under
+  DDP each rank updates from its own counts (the bias may then differ slightly between ranks).
+
+Per forward, each :class:`MoEFFN` leaves ``last_aux`` (``balance``, ``z``: scalar tensors with gradients) and
+``last_stats`` (``load``: (E,) fraction of assignments per expert, ``entropy``: mean router entropy in nats,
+``dropped``: number of dropped pairs; detached tensors, no device sync). The Denoiser collects them through
+:func:`collect_aux_losses` and :func:`collect_stats`; :class:`MoEStatsMeter` averages them between log steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sadiffuseq.config import ModelConfig
+from sadiffuseq.errors import UserError
+
+
+def uses_moe(cfg: ModelConfig, layer: int) -> bool:
+    """Whether block ``layer`` holds experts: ``model.ffn=moe`` and the layer is listed (empty list: all)."""
+    return cfg.ffn == "moe" and (not cfg.moe_layers or layer in cfg.moe_layers)
+
+
+def expert_hidden(cfg: ModelConfig) -> int:
+    """Width of one expert's hidden layer (see the module docstring for the default)."""
+    mult = cfg.moe_ffn_mult or cfg.ffn_mult / (cfg.moe_top_k + int(cfg.moe_shared_expert))
+    return max(1, int(round(mult * cfg.d_model)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing and dispatch (pure functions, tested on their own)
+
+
+@dataclass
+class Routing:
+    logits: torch.Tensor  # (N, E) fp32
+    probs: torch.Tensor  # (N, E) fp32
+    experts: torch.Tensor  # (N, k) int64, the chosen experts of each token
+    gates: torch.Tensor  # (N, k) fp32, their weights
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> Routing:
+    """Token-choice top-k routing of the rows of x (N, d) by a router matrix ``weight`` (E, d), in fp32."""
+    with torch.autocast(x.device.type, enabled=False):
+        logits = F.linear(x.float(), weight.float())
+    probs = logits.softmax(-1)
+    scores = probs if bias is None else probs + bias.detach().float()
+    experts = scores.topk(top_k, dim=-1).indices
+    gates = probs.gather(-1, experts)
+    if top_k > 1:
+        gates = gates / gates.sum(-1, keepdim=True)
+    return Routing(logits, probs, experts, gates)
+
+
+@dataclass
+class Dispatch:
+    pair: torch.Tensor  # (M,) index into the flattened (N·k) pairs, sorted by expert; kept pairs only
+    token: torch.Tensor  # (M,) the token of each sorted pair
+    expert: torch.Tensor  # (M,) the expert of each sorted pair (non-decreasing)
+    routed: torch.Tensor  # (E,) pairs routed to each expert (before any capacity drop)
+    counts: torch.Tensor  # (E,) pairs each expert computes (after the capacity drop)
+    dropped: torch.Tensor  # () number of dropped pairs
+
+
+def capacity_of(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int | None:
+    """Static per-expert capacity ``ceil(c · N · k / E)``; None (dropless) when c = 0."""
+    if capacity_factor <= 0:
+        return None
+    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+
+
+def dispatch(experts: torch.Tensor, n_experts: int, capacity: int | None = None) -> Dispatch:
+    """Sort the (token, expert) pairs by expert (stable: token order within an expert); apply the capacity."""
+    n_tokens, k = experts.shape
+    flat = experts.reshape(-1)
+    pair = torch.argsort(flat, stable=True)
+    expert = flat[pair]
+    routed = torch.bincount(flat, minlength=n_experts)
+    counts, dropped = routed, torch.zeros((), dtype=torch.long, device=flat.device)
+    if capacity is not None:
+        starts = torch.cumsum(routed, 0) - routed
+        rank = torch.arange(flat.numel(), device=flat.device) - starts[expert]
+        keep = rank < capacity
+        pair, expert = pair[keep], expert[keep]
+        counts = routed.clamp(max=capacity)
+        dropped = (routed - counts).sum()
+    return Dispatch(pair, torch.div(pair, k, rounding_mode="floor"), expert, routed, counts, dropped)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expert matmuls: grouped (one kernel per projection) or a loop over experts
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (the grouped-mm backward needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows ``offsets[e-1]:offsets[e]`` of a (M, K) times b[e] (K, N), as one ``torch._grouped_mm`` call."""
+    return _ContiguousGrad.apply(torch._grouped_mm(a, b, offs=offsets))
+
+
+def loop_matmul(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The same product as :func:`grouped_matmul`, one matmul per expert (the reference and the fallback)."""
+    outs = [rows @ b[e] for e, rows in enumerate(a.split(counts)) if counts[e]]
+    return torch.cat(outs) if outs else a.new_zeros(0, b.shape[-1])
+
+
+def experts_forward(
+    x: torch.Tensor,
+    expert: torch.Tensor,
+    counts: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    impl: str,
+) -> torch.Tensor:
+    """``GELU(x W_up[e] + b_up[e]) W_down[e] + b_down[e]`` for rows x (M, d) sorted by expert ``expert`` (M,)."""
+    if impl == "grouped":
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        mm = lambda a, b: grouped_matmul(a, b, offsets)  # noqa: E731
+    elif impl == "loop":
+        sizes = counts.tolist()
+        mm = lambda a, b: loop_matmul(a, b, sizes)  # noqa: E731
+    else:
+        raise ValueError(f"unknown expert matmul implementation {impl!r}")
+    h = F.gelu(mm(x, w_up) + b_up[expert])
+    return mm(h, w_down) + b_down[expert]
+
+
+_GROUPED_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+@torch.compiler.disable
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` exists and gives the loop's numbers, forward and backward, for this
+    device type and dtype (probed once on a small problem, then cached)."""
+    key = (torch.device(device).type, dtype)
+    if key not in _GROUPED_SUPPORT:
+        _GROUPED_SUPPORT[key] = _probe_grouped_mm(torch.device(device), dtype)
+    return _GROUPED_SUPPORT[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    a0, b0 = torch.randn(10, 16, generator=g), torch.randn(3, 16, 32, generator=g)
+    counts = [3, 0, 7]  # an empty group included
+    results = []
+    try:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            for use_grouped in (True, False):
+                a = a0.to(device, dtype).requires_grad_()
+                b = b0.to(device, dtype).requires_grad_()
+                if use_grouped:
+                    offsets = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+                    y = grouped_matmul(a, b, offsets)
+                else:
+                    y = loop_matmul(a, b, counts)
+                y.float().sum().backward()
+                results.append([y.float().cpu(), a.grad.float().cpu(), b.grad.float().cpu()])
+    except Exception:  # missing kernel, unsupported dtype/device, alignment rules: use the loop
+        return False
+    tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+    return all(torch.allclose(u, v, rtol=tol, atol=tol * 10) for u, v in zip(*results))
+
+
+def _aligned_for_grouped_mm(dtype: torch.dtype, *widths: int) -> bool:
+    """The grouped kernel wants every row stride to be a multiple of 16 bytes."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return all((w * size) % 16 == 0 for w in widths)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module
+
+
+class MoEFFN(nn.Module):
+    """Drop-in replacement for :class:`~sadiffuseq.model.DenseFFN`: ``forward(x)`` maps (..., d) to (..., d)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
+        super().__init__()
+        self.layer = layer
+        self.n_experts, self.top_k = cfg.moe_experts, cfg.moe_top_k
+        self.capacity_factor = cfg.moe_capacity_factor
+        self.bias_rate = cfg.moe_bias_update
+        self.impl = cfg.moe_impl
+        d, h, E = cfg.d_model, expert_hidden(cfg), cfg.moe_experts
+        self.d_model, self.hidden = d, h
+        self.router = nn.Linear(d, E, bias=False)
+        # Stacked expert weights, initialised like nn.Linear (uniform in ±1/sqrt(fan_in)).
+        self.w_up = nn.Parameter(torch.empty(E, d, h).uniform_(-(d**-0.5), d**-0.5))
+        self.b_up = nn.Parameter(torch.empty(E, h).uniform_(-(d**-0.5), d**-0.5))
+        self.w_down = nn.Parameter(torch.empty(E, h, d).uniform_(-(h**-0.5), h**-0.5))
+        self.b_down = nn.Parameter(torch.empty(E, d).uniform_(-(h**-0.5), h**-0.5))
+        self.shared = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)) if cfg.moe_shared_expert else None
+        if self.bias_rate > 0:
+            self.route_bias = nn.Parameter(torch.zeros(E), requires_grad=False)
+            self.route_pending = nn.Parameter(torch.zeros(E), requires_grad=False)
+        else:
+            self.route_bias = self.route_pending = None
+        self.last_aux: dict[str, torch.Tensor] = {}
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.n_experts}, top_k={self.top_k}, hidden={self.hidden}"
+
+    def resolve_impl(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The expert-matmul implementation this forward uses (``model.moe_impl`` resolved)."""
+        if self.impl == "loop":
+            return "loop"
+        ok = _aligned_for_grouped_mm(dtype, self.d_model, self.hidden) and grouped_mm_supported(device, dtype)
+        if ok:
+            return "grouped"
+        if self.impl == "grouped":
+            raise UserError(
+                f"model.moe_impl=grouped: torch._grouped_mm (torch {torch.__version__}) is unavailable or unsupported "
+                f"for {dtype} on {torch.device(device).type} with d_model={self.d_model}, expert width={self.hidden} "
+                "(row strides must be multiples of 16 bytes); use model.moe_impl=auto or loop"
+            )
+        return "loop"
+
+    @torch.no_grad()
+    def apply_bias_update(self) -> None:
+        """Move the selection bias toward balance using the counts of the training forwards since the last call."""
+        if self.route_bias is None:
+            return
+        c = self.route_pending
+        self.route_bias.add_(self.bias_rate * torch.sign(c.mean() - c))  # all zero (no forward yet): no change
+        c.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, d = x.shape, x.shape[-1]
+        flat = x.reshape(-1, d)
+        n = flat.shape[0]
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+        r = route(flat, self.router.weight, self.top_k, self.route_bias)
+        cap = capacity_of(self.capacity_factor, n, self.top_k, self.n_experts)
+        disp = dispatch(r.experts, self.n_experts, cap)
+        impl = self.resolve_impl(x.device, dtype) if disp.pair.numel() else "loop"
+        with torch.autocast(dev, enabled=False):
+            ys = experts_forward(
+                flat[disp.token].to(dtype),
+                disp.expert,
+                disp.counts,
+                self.w_up.to(dtype),
+                self.b_up.to(dtype),
+                self.w_down.to(dtype),
+                self.b_down.to(dtype),
+                impl,
+            )
+            weighted = ys.float() * r.gates.reshape(-1)[disp.pair, None]
+            out = torch.zeros(n, d, device=x.device, dtype=torch.float32).index_add_(0, disp.token, weighted)
+        y = out.to(dtype)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+
+        frac = disp.routed.float() / max(1, n * self.top_k)
+        self.last_aux = {
+            "balance": self.n_experts * (frac * r.probs.mean(0)).sum(),
+            "z": torch.logsumexp(r.logits, -1).pow(2).mean(),
+        }
+        with torch.no_grad():
+            entropy = -(r.probs * r.logits.log_softmax(-1)).sum(-1).mean()
+        self.last_stats = {"load": frac.detach(), "entropy": entropy, "dropped": disp.dropped}
+        if self.route_pending is not None and self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.route_pending.add_(disp.routed.float())
+        return y.view(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collecting losses and statistics over the layers of a model
+
+
+def moe_modules(model: nn.Module) -> list[MoEFFN]:
+    return [m for m in model.modules() if isinstance(m, MoEFFN)]
+
+
+def collect_aux_losses(modules: list[MoEFFN], cfg: ModelConfig) -> dict[str, tuple[torch.Tensor, float]] | None:
+    """``{name: (value summed over MoE layers, weight)}`` from the last forward, or None without MoE layers.
+
+    The sum over layers (not the mean) gives every layer's router the same pressure whatever the depth, as in
+    Switch / ST-MoE; a perfectly balanced model therefore reports ``moe_aux`` = the number of MoE layers.
+    """
+    if not modules or not modules[0].last_aux:
+        return None
+    return {
+        "moe_aux": (sum(m.last_aux["balance"] for m in modules), cfg.moe_aux_weight),
+        "moe_z": (sum(m.last_aux["z"] for m in modules), cfg.moe_z_weight),
+    }
+
+
+def collect_stats(modules: list[MoEFFN]) -> dict[int, dict[str, torch.Tensor]]:
+    """``{layer: last_stats}`` of every MoE layer that has run a forward."""
+    return {m.layer: m.last_stats for m in modules if m.last_stats}
+
+
+class MoEStatsMeter:
+    """Averages per-layer MoE statistics over the steps between two log lines (no device sync until flush).
+
+    A flush gives, per MoE layer i: ``moe_load_l{i}`` (mean fraction of assignments per expert, a list of E),
+    ``moe_entropy_l{i}`` (mean router entropy, nats) and ``moe_dropped_l{i}`` (mean dropped pairs per step).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+        self.steps = 0
+
+    def add(self, stats: dict[int, dict[str, torch.Tensor]]) -> None:
+        for layer, s in stats.items():
+            acc = self.sums.setdefault(layer, {})
+            for key, v in s.items():
+                v = v.detach().float()
+                acc[key] = acc[key] + v if key in acc else v.clone()
+        self.steps += 1
+
+    def flush(self) -> dict[str, float | list[float]]:
+        n = max(1, self.steps)
+        record: dict[str, float | list[float]] = {}
+        for layer in sorted(self.sums):
+            s = self.sums[layer]
+            record[f"moe_load_l{layer}"] = [round(v, 6) for v in (s["load"] / n).tolist()]
+            record[f"moe_entropy_l{layer}"] = float(s["entropy"]) / n
+            record[f"moe_dropped_l{layer}"] = float(s["dropped"]) / n
+        self.sums, self.steps = {}, 0
+        return record
