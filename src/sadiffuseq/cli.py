@@ -66,13 +66,40 @@ def _load(args, extra, parser):
 # Commands
 
 
-def cmd_data(args, extra, parser) -> None:
-    from sadiffuseq.data.dataset import describe, ensure_dataset
+DATA_ACTIONS = ("build", "stats")
 
+
+def cmd_data(args, extra, parser) -> None:
+    # The action may also come after the settings (`data --config tiny stats`): argparse then leaves it in extra.
+    action = args.action
+    for word in DATA_ACTIONS:
+        if word in extra:
+            if action is not None:
+                parser.error(f"give one action (build or stats), not {action} and {word}")
+            action = word
+            extra = [x for x in extra if x != word]
     cfg = _load(args, extra, parser)
-    meta = ensure_dataset(cfg.data, cfg.data_dir)
-    print(describe(meta))
-    print(f"vocabulary: {meta['vocab_size']} tokens; data folder: {cfg.data_dir}")
+    if (action or "build") == "build":
+        from sadiffuseq.data.dataset import describe, ensure_dataset
+
+        meta = ensure_dataset(cfg.data, cfg.data_dir)
+        print(describe(meta))
+        print(f"vocabulary: {meta['vocab_size']} tokens; data folder: {cfg.data_dir}")
+        return
+    from sadiffuseq.data.dataset import data_stats, format_stats
+    from sadiffuseq.utils import write_json
+
+    stats = data_stats(cfg.data_dir, cfg.train.batch_size, cfg.data.packing, seed=cfg.train.seed)
+    print(format_stats(stats))
+    write_json(cfg.data_dir / "stats.json", stats)
+    written = [cfg.data_dir / "stats.json"]
+    try:
+        from sadiffuseq.plots import plot_length_hist
+    except ImportError:  # matplotlib missing: the numbers are in stats.json
+        print("matplotlib is not installed: no length_hist.png")
+    else:
+        written.append(plot_length_hist(cfg.data_dir, cfg.data_dir / "length_hist.png", seq_len=stats["seq_len"]))
+    print("written " + " and ".join(str(w) for w in written))
 
 
 def cmd_train(args, extra, parser) -> None:
@@ -196,18 +223,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "data",
-        help="build the tokenised data folder of a task",
+        help="build the tokenised data folder of a task, or describe it (stats)",
         formatter_class=fmt,
-        description="Read the task's examples, split them by document, train the BPE tokenizer on the training "
-        "split and store token arrays in data.dir (default <train.out_dir>/data). Reuses a folder built with the "
-        "same settings; reports how many examples were truncated or dropped to fit data.seq_len.",
+        description="build (the default): read the task's examples, split them by document, train the BPE "
+        "tokenizer on the training split and store token arrays in data.dir (default <train.out_dir>/data). Reuses "
+        "a folder built with the same settings; reports how many examples were truncated, split or dropped to fit "
+        "data.seq_len (data.overlong=truncate|drop|split).\n\n"
+        "stats: describe a built folder: per split the example count, source/target/row length percentiles "
+        "(p50/p90/p99/max), the truncated/split/dropped counts and the padding waste (fraction of row positions "
+        "that are padding) of bucketed batches of train.batch_size rows and of rows packed to the folder's "
+        "seq_len (data.packing says which one training uses). Writes stats.json and length_hist.png into the folder.",
         epilog="tasks (data.task; data.train_path overrides a task's default input, data.task_options its options):\n"
         + _tasks_help()
         + "\nexamples:\n  sadiffuseq data --config tiny\n  sadiffuseq data --data.task=jsonl "
         "--data.train_path=pairs.jsonl --data.dir=data_cache/pairs\n"
         "  sadiffuseq data --data.task=dialogue_next_turns --data.task_options='{history_words: 1000}' "
-        "--data.seq_len=8192 --data.max_src_len=2048 --data.dir=data_cache/dialogue\n\n" + settings,
+        "--data.seq_len=8192 --data.max_src_len=2048 --data.dir=data_cache/dialogue\n"
+        "  sadiffuseq data --data.task=science_abstract_to_text --data.seq_len=8192 --data.max_src_len=512 "
+        "--data.overlong=split --data.packing=true --data.dir=data_cache/science-8k\n"
+        "  sadiffuseq data stats --data.dir=data_cache/science-8k --data.packing=true\n\n" + settings,
     )
+    p.add_argument("action", nargs="?", choices=DATA_ACTIONS, help="build (default) or stats")
     p.add_argument("--config", help="preset name or YAML file")
     p.set_defaults(func=cmd_data)
 

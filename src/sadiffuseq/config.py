@@ -148,7 +148,13 @@ class DataConfig:
     dir: str = ""  # tokenised data folder; empty means <train.out_dir>/data
     seq_len: int = 128  # row length: [BOS] src [SEP] trg [EOS] [PAD]...
     max_src_len: int = 48  # sources longer than this are truncated (counted and reported)
-    overlong: str = "truncate"  # targets that do not fit: truncate or drop (counted and reported)
+    # Targets that do not fit the row (seq_len - 3 - len(src)): truncate, drop, or split into consecutive
+    # windows that each become an example with the same source (all counted and reported).
+    overlong: str = "truncate"
+    # Training rows: false = one example per row, length-bucketed batches; true = several examples packed into
+    # each row of exactly seq_len tokens, attending only within their own example (see data/dataset.py).
+    # A batching choice only: the same data folder serves both.
+    packing: bool = False
     vocab_size: int = 8000  # BPE vocabulary, including the 4 special tokens
     split_seed: int = 0  # seed of the document-level train/valid/test split
     valid_frac: float = 0.05
@@ -161,7 +167,7 @@ class DataConfig:
         _choice(self, "task", ("jsonl", *task_names()))
         _positive(self, "seq_len", "max_src_len", "vocab_size")
         _non_negative(self, "max_examples")
-        _choice(self, "overlong", ("truncate", "drop"))
+        _choice(self, "overlong", ("truncate", "drop", "split"))
         _in_range(self, "valid_frac", 0.0, 0.5)
         _in_range(self, "test_frac", 0.0, 0.5)
         if self.vocab_size < 260:
@@ -183,7 +189,7 @@ class TrainConfig:
 
     out_dir: str = "runs/default"  # run directory: config, tokenizer, metrics.jsonl, checkpoints/
     steps: int = 10000
-    batch_size: int = 32  # rows per step; rows of similar length are batched together
+    batch_size: int = 32  # rows per step: length-bucketed rows, or packed rows of data.seq_len (data.packing)
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

@@ -1,4 +1,4 @@
-"""PNG plots of training runs (matplotlib, headless)."""
+"""PNG plots of training runs and data folders (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,49 @@ def plot_expert_load(metrics_path: str | Path, out_path: str | Path, title: str 
     fig.legend(handles, labels, fontsize=7, loc="upper right", ncol=1 if len(labels) <= 9 else 2)
     fig.suptitle(title or f"expert load — {Path(metrics_path).parent.name}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
+    out_path = Path(out_path)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def plot_length_hist(data_dir: str | Path, out_path: str | Path, seq_len: int | None = None,
+                     title: str | None = None) -> Path:
+    """Row-length histogram of each split of a tokenised data folder (a row is ``[BOS] src [SEP] trg [EOS]``).
+
+    One step outline per split, counts on a log axis; log-x too (log-spaced bins) when the lengths span more
+    than a factor of 20; ``seq_len`` (the row budget) as a dashed line.
+    """
+    import numpy as np
+
+    from sadiffuseq.data.dataset import SPLITS, TokenizedSplit
+
+    lengths = {split: TokenizedSplit(data_dir, split).row_lengths for split in SPLITS}
+    lengths = {k: v for k, v in lengths.items() if len(v)}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if lengths:
+        lo = max(1, min(int(v.min()) for v in lengths.values()))
+        hi = max(int(v.max()) for v in lengths.values())
+        log_x = hi / lo > 20
+        bins = np.geomspace(lo, hi + 1, 50) if log_x else np.linspace(lo, hi + 1, 50)
+        for split, v in lengths.items():
+            ax.hist(v, bins=bins, histtype="step", lw=1.4, label=f"{split} ({len(v)} rows, median {int(np.median(v))})")
+        if log_x:
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_yscale("log")  # the splits differ in size by orders of magnitude
+    if seq_len:
+        ax.axvline(seq_len, color="black", ls="--", lw=0.8, label=f"seq_len {seq_len}")
+    ax.set_xlabel("row length (tokens)")
+    ax.set_ylabel("examples")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"row lengths — {Path(data_dir).name}")
+    fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path)
     plt.close(fig)

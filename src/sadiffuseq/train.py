@@ -1,6 +1,6 @@
 """The training loop.
 
-One step: draw a length-bucketed batch, draw diffusion steps t (loss-aware importance sampling), compute the
+One step: draw a batch (length-bucketed rows, or packed rows with ``data.packing``), draw diffusion steps t (loss-aware importance sampling), compute the
 per-example losses of :class:`~sadiffuseq.diffusion.process.Diffusion`, weight them by the importance weights,
 back-propagate, clip, AdamW, update the EMA weights and the timestep sampler's loss history.
 
@@ -17,7 +17,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -30,7 +29,7 @@ from sadiffuseq.checkpoint import (
     save_checkpoint,
 )
 from sadiffuseq.config import Config, save_config
-from sadiffuseq.data.dataset import BatchStream, BucketBatcher, Row, TokenizedSplit, collate, describe, ensure_dataset
+from sadiffuseq.data.dataset import TokenizedSplit, describe, ensure_dataset, fixed_batches, make_batch_stream
 from sadiffuseq.diffusion.process import Diffusion
 from sadiffuseq.diffusion.timesteps import make_timestep_sampler
 from sadiffuseq.errors import UserError
@@ -75,25 +74,28 @@ def validation_loss(model, diffusion: Diffusion, split: TokenizedSplit, cfg: Con
     """Mean loss terms over a fixed set of validation batches at fixed, uniformly drawn steps.
 
     Runs under a forked RNG with a fixed seed: the numbers are comparable across steps and runs, and the
-    training RNG stream is left untouched (so evaluating does not change what training does next).
+    training RNG stream is left untouched (so evaluating does not change what training does next). The batches
+    have the training layout (packed rows with ``data.packing``), so the loss is averaged over the same kind of
+    rows as in training.
     """
     was_training = model.training
     model.eval()
-    batches = BucketBatcher(split.row_lengths, cfg.train.batch_size, seed=1234).epoch(0)[: cfg.train.eval_batches]
+    batches = fixed_batches(split, cfg.data, cfg.train.batch_size, cfg.train.eval_batches, seed=1234)
     gen = torch.Generator().manual_seed(4321)
     totals: dict[str, float] = {}
     n = 0
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(1234)
-        for idx in batches:
-            batch = to_device(collate([Row(split.source(i), split.target(i)) for i in idx]), device)
-            t = torch.randint(0, diffusion.steps, (len(idx),), generator=gen).to(device)
+        for batch in batches:
+            batch = to_device(batch, device)
+            rows = batch["ids"].shape[0]
+            t = torch.randint(0, diffusion.steps, (rows,), generator=gen).to(device)
             with autocast(device, dtype):
                 losses = diffusion.training_losses(model, batch, t)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v.float().sum())
-            n += len(idx)
+            n += rows
     model.train(was_training)
     return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
 
@@ -141,7 +143,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
     optimizer = make_optimizer(model, cfg, device)
     ema = EMA(model, cfg.train.ema_decay)
     ts_sampler = make_timestep_sampler(cfg.diffusion.timestep_sampler, cfg.diffusion.steps, seed=cfg.train.seed)
-    stream = BatchStream(train_split, cfg.train.batch_size, seed=cfg.train.seed)
+    # data.packing: rows of exactly data.seq_len holding several examples (with doc_ids), else bucketed rows.
+    stream = make_batch_stream(train_split, cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
     step = 0
 
     if resume:
@@ -262,10 +265,3 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
         pass
     return run_dir
 
-
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def loss_series(path: str | Path, key: str = "loss") -> np.ndarray:
-    return np.array([r[key] for r in read_metrics(path) if key in r])

@@ -2,7 +2,8 @@
 
 Notation: ``ids`` is a batch of token rows ``[BOS] src [SEP] trg [EOS] [PAD]…``; ``input_mask`` is True on the
 positions the model must generate (target, EOS and padding — predicting PAD is how the model chooses the
-output length, as in DiffuSeq). Source positions are never noised (*partial noising*).
+output length, as in DiffuSeq; in packed rows, each segment's target and EOS, and ``doc_ids`` keeps the
+segments apart). Source positions are never noised (*partial noising*).
 
 * ``x0 = E[w] + sqrt(1-ᾱ_0) ε``: the clean embedding plus the tiny noise of step 0, so x0 is a continuous
   variable and the rounding loss below has something to learn from.
