@@ -122,3 +122,20 @@ def test_named_task_takes_its_input_and_options_from_config(tmp_path):
     bad = load_config(None, [f"--data.train_path={docs}", "--data.task=text_prefix", "--data.task_options={nope: 1}"])
     with pytest.raises(UserError, match="nope"):
         build_dataset(bad.data, tmp_path / "bad", progress=False)
+
+
+def test_rows_padded_to_seq_len_when_asked(tmp_path):
+    from sadiffuseq.data.dataset import make_batch_stream
+
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"data.pad_to_seq_len": "true"}))
+    ensure_dataset(cfg.data, cfg.data_dir, progress=False)
+    split = TokenizedSplit(cfg.data_dir, "train")
+    stream = make_batch_stream(split, cfg.data, batch_size=4, seed=0)
+    for _ in range(5):
+        batch = stream.next()
+        assert batch["ids"].shape[1] == cfg.data.seq_len
+        # everything after [SEP] is generated, the [PAD] tail included
+        assert bool(batch["input_mask"][:, -1].all())
+    cfg.data.pad_to_seq_len = False
+    shorter = make_batch_stream(split, cfg.data, batch_size=4, seed=0).next()
+    assert shorter["ids"].shape[1] < cfg.data.seq_len

@@ -151,6 +151,9 @@ class DataConfig:
     # Targets that do not fit the row (seq_len - 3 - len(src)): truncate, drop, or split into consecutive
     # windows that each become an example with the same source (all counted and reported).
     overlong: str = "truncate"
+    # Rows of one batch are padded to the longest row (fast for long documents); with pad_to_seq_len every row is
+    # padded to seq_len as in DiffuSeq, so the model also learns the long [PAD] tails it fills at sampling time.
+    pad_to_seq_len: bool = False
     # Training rows: false = one example per row, length-bucketed batches; true = several examples packed into
     # each row of exactly seq_len tokens, attending only within their own example (see data/dataset.py).
     # A batching choice only: the same data folder serves both.

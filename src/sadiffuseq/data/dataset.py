@@ -136,7 +136,7 @@ def _split_of(cfg: DataConfig, doc_id: str, explicit: dict[str, str]) -> str:
 
 
 #: Settings that only change how stored examples are batched, not what is stored: a folder serves every value.
-BATCHING_KEYS = ("packing",)
+BATCHING_KEYS = ("packing", "pad_to_seq_len")
 
 
 def _identity(cfg: DataConfig) -> dict:
@@ -503,8 +503,9 @@ class BatchStream:
 
     packing = False
 
-    def __init__(self, split: TokenizedSplit, batch_size: int, seed: int = 0):
+    def __init__(self, split: TokenizedSplit, batch_size: int, seed: int = 0, pad_to: int | None = None):
         self.split = split
+        self.pad_to = pad_to  # None: pad to the batch's longest row; an int: every row to that length
         self.batcher = BucketBatcher(split.row_lengths, batch_size, seed)
         self.epoch, self.position = 0, 0
         self._batches = self.batcher.epoch(0)
@@ -518,7 +519,7 @@ class BatchStream:
         return self._collate(batch)
 
     def _collate(self, idx) -> dict[str, torch.Tensor]:
-        return collate([self.split.row(i) for i in idx])
+        return collate([self.split.row(i) for i in idx], pad_to=self.pad_to)
 
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "position": self.position}
@@ -557,7 +558,7 @@ def make_batch_stream(split: TokenizedSplit, cfg: DataConfig, batch_size: int, s
     """The training stream of ``cfg``: packed rows of ``seq_len`` if ``cfg.packing``, else length-bucketed rows."""
     if cfg.packing:
         return PackedBatchStream(split, cfg.seq_len, batch_size, seed)
-    return BatchStream(split, batch_size, seed)
+    return BatchStream(split, batch_size, seed, pad_to=cfg.seq_len if cfg.pad_to_seq_len else None)
 
 
 def fixed_batches(split: TokenizedSplit, cfg: DataConfig, batch_size: int, n_batches: int, seed: int = 1234):
@@ -567,7 +568,8 @@ def fixed_batches(split: TokenizedSplit, cfg: DataConfig, batch_size: int, n_bat
         rows = PackedBatcher(split.row_lengths, cfg.seq_len, batch_size, seed).epoch(0)[:n_batches]
         return [collate_packed([[split.row(i) for i in r] for r in b], cfg.seq_len) for b in rows]
     batches = BucketBatcher(split.row_lengths, batch_size, seed=seed).epoch(0)[:n_batches]
-    return [collate([split.row(i) for i in idx]) for idx in batches]
+    pad_to = cfg.seq_len if cfg.pad_to_seq_len else None
+    return [collate([split.row(i) for i in idx], pad_to=pad_to) for idx in batches]
 
 
 # ---------------------------------------------------------------------------------------------------------
