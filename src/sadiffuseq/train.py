@@ -211,13 +211,14 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
         ts_sampler.update(t, losses["loss"])
         step += 1
 
+        # Accumulate on the device; read back (one synchronisation) only at log steps.
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach().float().mean())
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            sums[k] = sums.get(k, 0.0) + v.detach().float().mean()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()
         if moe_meter is not None:
             moe_meter.add(model.moe_stats())
         seen_rows += batch["ids"].numel()
-        seen_targets += int(batch["input_mask"].sum()) - int(batch["pad_mask"].sum())
+        seen_targets = seen_targets + batch["input_mask"].sum() - batch["pad_mask"].sum()
         interval_steps += 1
         bar.update(1)
 
@@ -227,9 +228,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - t_last
             record = {"step": step, "lr": lr}
-            record.update({k: v / interval_steps for k, v in sums.items()})
+            record.update({k: float(v) / interval_steps for k, v in sums.items()})
             record["tokens_per_s"] = seen_rows / elapsed
-            record["target_tokens_per_s"] = seen_targets / elapsed
+            record["target_tokens_per_s"] = int(seen_targets) / elapsed
             if moe_meter is not None:
                 record.update(moe_meter.flush())
             if device.type == "cuda":
