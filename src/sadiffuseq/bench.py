@@ -6,6 +6,10 @@
   the ideal time density × dense, efficiency = ideal / sparse and the speed-up over dense.
 * ``bench model`` — one full training step (forward, backward, AdamW) of the denoiser with dense attention and
   with sparse attention, same sizes, same data, one process.
+* ``bench moe`` — forward+backward of one MoE feed-forward layer against the dense FFN of the same active FLOPs,
+  with the achieved TFLOP/s of both (see :func:`bench_moe`). Runs on the CPU too (fp32, host clock).
+* ``bench sample`` — quality against speed of several ``sampler:steps`` settings on the same sources of a trained
+  checkpoint: seconds per document, target tokens/s, BLEU and ROUGE-L (see :func:`bench_sample`).
 
 Timings are medians over repeated runs between CUDA events after warm-up (which also triggers compilation).
 """
@@ -172,6 +176,250 @@ def bench_model(cfg: Config, length: int, vocab: int = 16000, batch: int = 1, re
         r["compiled"] = compile
     _write(rows, Path(out_dir), f"model_{length}{'_compiled' if compile else ''}")
     return rows
+
+
+def moe_flops(tokens: int, d_model: int, hidden: int, top_k: int = 1) -> int:
+    """FLOPs of forward + backward of the two projections of a GELU MLP (d → hidden → d) for ``tokens`` tokens,
+    each sent to ``top_k`` such MLPs: 2·tokens·top_k·d·hidden per projection, two projections, ×3 for fwd+bwd
+    (the backward computes the input and the weight gradients: twice the forward). Biases, GELU, routing ignored.
+    """
+    return 3 * 2 * (2 * tokens * top_k * d_model * hidden)
+
+
+def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, experts: int = 8, top_k: int = 2,
+              batch: int = 1, reps: int = 10, out_dir: str | Path = "bench_out", device: str | torch.device = "auto",
+              impl: str = "auto", warmup: int = 3) -> list[dict]:
+    """Forward+backward of one MoE feed-forward layer and of the dense FFN of the same active FLOPs, side by side.
+
+    The dense FFN has width ``H = ffn_mult · d_model``; the MoE layer has ``experts`` experts of width
+    ``H / top_k`` (``model.moe_ffn_mult = 0``), so each token costs the same expert-matmul FLOPs as in the dense
+    FFN (plus the d × E router). Inputs are (batch, L, d_model); bf16 autocast on CUDA, fp32 on the CPU (timed by
+    the host clock there, as :func:`cuda_time_ms` does).
+
+    Both modules are timed in train mode, as training runs them. The MoE layer's auxiliary-loss-free balancing bias
+    (``route_bias``) only moves when the Denoiser calls ``apply_bias_update`` at the start of a training step, which
+    never happens here, so every repetition routes with the same (zero) bias; the bias is checked unchanged at the
+    end. (Routing still depends on the random input and router weights, fixed per length by the seed.)
+
+    Per length the row gives ``dense_ms``, ``moe_ms``, ``ratio`` = moe / dense, ``impl`` (the expert-matmul
+    implementation the layer resolved to: grouped or loop), and ``dense_tflops`` / ``moe_tflops``: the FLOPs of
+    :func:`moe_flops` (the two projections, forward + backward) divided by the measured time of the whole layer.
+    For the MoE layer that time includes the router, the sort/dispatch, the gathers and the weighted
+    ``index_add``, so ``moe_tflops`` is a *lower bound* of the rate of the expert matmuls themselves.
+    """
+    from sadiffuseq.model import DenseFFN
+    from sadiffuseq.moe import MoEFFN, expert_hidden
+    from sadiffuseq.utils import resolve_device
+
+    if top_k > experts:
+        raise UserError(f"--top-k {top_k} exceeds --experts {experts}: a token cannot go to more experts than exist")
+    if min(d_model, experts, top_k, batch, reps) < 1 or ffn_mult <= 0:
+        raise UserError("bench moe: --d-model, --experts, --top-k, --batch, --reps and --ffn-mult must be positive")
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    on_cuda = dev.type == "cuda"
+    cfg = ModelConfig(d_model=d_model, n_heads=1, ffn_mult=ffn_mult, ffn="moe", moe_experts=experts,
+                      moe_top_k=top_k, moe_ffn_mult=0.0, moe_impl=impl, dropout=0.0)
+    torch.manual_seed(0)
+    dense = DenseFFN(cfg).to(dev).train()
+    moe = MoEFFN(cfg).to(dev).train()
+    dense_width, hidden = dense.up.out_features, expert_hidden(cfg)
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    impl_used = moe.resolve_impl(dev, dtype)
+    bias_before = None if moe.route_bias is None else moe.route_bias.detach().clone()
+
+    def fwd_bwd(module, x, grad):
+        def step():
+            if on_cuda:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = module(x)
+            else:
+                y = module(x)
+            y.backward(grad.to(y.dtype))
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+
+        return step
+
+    rows = []
+    for L in tqdm(lengths, desc="lengths", disable=not on_cuda):
+        torch.manual_seed(L)
+        x = torch.randn(batch, L, d_model, device=dev, requires_grad=True)
+        grad = torch.randn(batch, L, d_model, device=dev)
+        dense_ms = cuda_time_ms(fwd_bwd(dense, x, grad), warmup=warmup, reps=reps)
+        moe_ms = cuda_time_ms(fwd_bwd(moe, x, grad), warmup=warmup, reps=reps)
+        tokens = batch * L
+        dense_flops = moe_flops(tokens, d_model, dense_width)
+        expert_flops = moe_flops(tokens, d_model, hidden, top_k)
+        rows.append({"length": L, "batch": batch, "d_model": d_model, "dense_width": dense_width,
+                     "experts": experts, "top_k": top_k, "expert_width": hidden, "device": dev.type,
+                     "dtype": str(dtype).removeprefix("torch."), "impl": impl_used,
+                     "dense_ms": dense_ms, "moe_ms": moe_ms, "ratio": moe_ms / dense_ms,
+                     "dense_flops": dense_flops, "moe_flops": expert_flops,
+                     "dense_tflops": dense_flops / (dense_ms * 1e-3) / 1e12,
+                     "moe_tflops": expert_flops / (moe_ms * 1e-3) / 1e12})
+        _write(rows, Path(out_dir), "moe")
+        del x, grad
+        if on_cuda:
+            torch.cuda.empty_cache()
+    if bias_before is not None and not torch.equal(bias_before, moe.route_bias.detach()):
+        raise RuntimeError("bench moe: the routing bias changed between repetitions")  # cannot happen: see above
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench sample: quality against speed of several samplers
+
+
+def parse_samplers(text: str, total_steps: int | None = None) -> list[tuple[str, int]]:
+    """``"ddpm:2000,dpm++2m:10"`` → ``[("ddpm", 2000), ("dpm++2m", 10)]``; a UserError names any bad item.
+
+    With ``total_steps`` (the checkpoint's diffusion.steps T) every step count must also be at most T.
+    """
+    from sadiffuseq.diffusion.samplers import SAMPLERS
+
+    example = "e.g. --samplers ddpm:2000,ddim:50,dpm++2m:10"
+    items = [x.strip() for x in (text or "").split(",")]
+    if not text or not text.strip() or any(not x for x in items):
+        raise UserError(f"--samplers {text!r}: give comma-separated sampler:steps pairs, {example}")
+    out: list[tuple[str, int]] = []
+    for item in items:
+        name, sep, steps = item.partition(":")
+        name, steps = name.strip(), steps.strip()
+        if not sep:
+            raise UserError(f"--samplers: {item!r} has no step count; write sampler:steps, {example}")
+        if name not in SAMPLERS:
+            raise UserError(f"--samplers: unknown sampler {name!r} in {item!r}; choose from {', '.join(SAMPLERS)}")
+        if not steps.isdigit() or int(steps) < 1:
+            raise UserError(f"--samplers: {item!r}: the step count must be a positive integer, {example}")
+        n = int(steps)
+        if total_steps is not None and n > total_steps:
+            raise UserError(f"--samplers: {item!r}: {n} steps exceeds the checkpoint's diffusion.steps={total_steps} "
+                            "(a sampler visits a subset of the training steps)")
+        if (name, n) in out:
+            raise UserError(f"--samplers: {item!r} is listed twice")
+        out.append((name, n))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_sample(checkpoint: str | Path, samplers: list[tuple[str, int]] | str, num_examples: int = 8,
+                 length: int | None = None, split: str = "test", input_path: str | Path | None = None,
+                 spacing: str = "time", device: str | torch.device = "auto", out_dir: str | Path = "bench_out",
+                 overrides: list[str] | None = None, progress: bool = True) -> list[dict]:
+    """Generate for the same sources with every ``(sampler, steps)`` and compare speed and quality.
+
+    Sources (and references) are the first ``num_examples`` of the checkpoint's data split ``split``, or of the
+    jsonl file ``input_path``. ``length`` replaces ``data.seq_len`` for generation (rows are
+    ``[BOS] src [SEP]`` + positions to generate, padded to it). ``overrides`` are ``--sample.key=value`` settings
+    (batch size, clamp, seed, weights, ...) applied to every sampler; sampler, steps and spacing come from here.
+
+    Each setting starts from the same seed. The first one is preceded by an untimed warm-up generation (one
+    source, two steps). Per setting the row gives ``seconds_per_doc`` (synchronised wall time of the whole
+    generation, rounding and decoding included, / documents), ``target_tokens_per_s`` (positions generated per
+    row, summed over rows, / time) and, when references exist, ``bleu`` (sacrebleu corpus BLEU), ``sentence_bleu``
+    and ``rougeL`` from :func:`~sadiffuseq.evaluate.compute_metrics`. Writes ``sample.csv`` and ``sample.png``.
+    """
+    from sadiffuseq.checkpoint import load_model
+    from sadiffuseq.config import apply_override
+    from sadiffuseq.diffusion.samplers import SPACINGS
+    from sadiffuseq.evaluate import compute_metrics
+    from sadiffuseq.generate import file_sources, generate_records, split_sources
+    from sadiffuseq.utils import resolve_device
+
+    if spacing not in SPACINGS:
+        raise UserError(f"--spacing {spacing!r}: choose from {', '.join(SPACINGS)}")
+    if num_examples < 1:
+        raise UserError(f"--num-examples {num_examples}: give at least 1")
+    if isinstance(samplers, str):
+        samplers = parse_samplers(samplers)
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    overrides = list(overrides or [])
+    bad = [o for o in overrides if not o.startswith("--sample.")]
+    if bad:
+        raise UserError(f"bench sample takes only --sample.key=value settings, not {' '.join(bad)}")
+    weights = next((o.split("=", 1)[1] for o in overrides if o.startswith("--sample.weights=")), "ema")
+    model, cfg, tokenizer = load_model(checkpoint, dev, weights if weights in ("ema", "raw") else "ema")
+    cfg.train.device = str(dev)
+    for item in overrides:
+        apply_override(cfg, item)
+    if length is not None:
+        cfg.data.seq_len = length
+    cfg.sample.spacing = spacing
+    cfg.validate()
+    samplers = parse_samplers(",".join(f"{n}:{s}" for n, s in samplers), cfg.diffusion.steps)
+    if input_path:
+        srcs, refs = file_sources(cfg, tokenizer, input_path, num_examples)
+    else:
+        srcs, refs = split_sources(cfg, tokenizer, split, num_examples)
+    if not srcs:
+        raise UserError("nothing to generate: the input has no examples")
+    seq_len = cfg.data.seq_len
+    longest = max(len(s) for s in srcs)
+    if seq_len < longest + 3:
+        raise UserError(f"--length {seq_len} leaves no room to generate after a source of {longest} tokens "
+                        f"([BOS] src [SEP] needs {longest + 2}); give a longer --length")
+    target_positions = sum(seq_len - len(s) - 2 for s in srcs)
+    has_refs = any(r.strip() for r in refs)
+
+    import copy
+
+    warm = copy.deepcopy(cfg)
+    warm.sample.sampler, warm.sample.steps, warm.sample.mbr = samplers[0][0], min(2, samplers[0][1]), 1
+    generate_records(model, warm, tokenizer, srcs[:1], refs[:1], dev, progress=False)
+
+    rows = []
+    for name, steps in samplers:
+        cfg.sample.sampler, cfg.sample.steps = name, steps
+        torch.manual_seed(cfg.sample.seed)
+        _sync(dev)
+        t0 = time.perf_counter()
+        records = generate_records(model, cfg, tokenizer, srcs, refs, dev, progress=progress)
+        _sync(dev)
+        elapsed = time.perf_counter() - t0
+        row = {"sampler": name, "steps": steps, "label": f"{name}:{steps}", "spacing": spacing,
+               "documents": len(records), "seq_len": seq_len, "target_positions": target_positions,
+               "device": dev.type, "seconds": elapsed, "seconds_per_doc": elapsed / len(records),
+               "target_tokens_per_s": target_positions / elapsed}
+        if has_refs:
+            m = compute_metrics([r["generated"] for r in records], [r["reference"] for r in records])
+            row.update({"bleu": m["bleu"], "sentence_bleu": m["sentence_bleu"], "rougeL": m["rougeL"],
+                        "mean_len": m["mean_len"]})
+        rows.append(row)
+        _write(rows, Path(out_dir), "sample")
+    _plot_sample(rows, Path(out_dir) / "sample.png", f"{Path(checkpoint).name}, {len(srcs)} documents of "
+                 f"{seq_len} positions, {spacing} spacing, {dev.type}")
+    return rows
+
+
+def _plot_sample(rows: list[dict], path: Path, title: str) -> None:
+    from sadiffuseq.plots import plt
+
+    metrics = [("bleu", "BLEU (corpus)"), ("rougeL", "ROUGE-L F1")] if "bleu" in rows[0] else \
+        [("target_tokens_per_s", "target tokens / s")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), dpi=120, squeeze=False)
+    x = [r["seconds_per_doc"] for r in rows]
+    for ax, (key, label) in zip(axes[0], metrics):
+        y = [r[key] for r in rows]
+        for r in rows:
+            ax.plot(r["seconds_per_doc"], r[key], "o")
+            ax.annotate(r["label"], (r["seconds_per_doc"], r[key]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        ax.set_xscale("log")
+        if min(x) == max(x):  # one point (or equal times): give the log axis some room
+            ax.set_xlim(min(x) / 2, max(x) * 2)
+        if y and min(y) == max(y):
+            ax.set_ylim(max(0.0, min(y) - 1), max(y) + 1)  # the metrics are never negative
+        ax.set_xlabel("seconds per document")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _write(rows: list[dict], out_dir: Path, name: str) -> None:

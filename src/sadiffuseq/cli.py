@@ -169,20 +169,49 @@ def cmd_eval(args, extra, parser) -> None:
         print(f"written {args.json}")
 
 
+def _bench_lengths(text: str | None, default: str) -> list[int]:
+    text = text if text is not None else default
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise UserError(f"--lengths {text!r}: give comma-separated positive lengths, e.g. 2048,8192")
+    return lengths
+
+
 def cmd_bench(args, extra, parser) -> None:
     from sadiffuseq import bench
 
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    if not lengths or min(lengths) < 1:
-        raise UserError(f"--lengths {args.lengths!r}: give comma-separated positive lengths, e.g. 2048,8192")
+    if args.what == "sample":
+        if not args.checkpoint:
+            raise UserError("bench sample needs a checkpoint: sadiffuseq bench sample RUN_DIR --samplers ddpm:200,...")
+        samplers = bench.parse_samplers(args.samplers)  # syntax first; steps <= T once the checkpoint is loaded
+        rows = bench.bench_sample(args.checkpoint, samplers, args.num_examples, args.length, args.split, args.input,
+                                  args.spacing, args.device, args.out, _split_overrides(extra, parser))
+        print(bench.format_rows(rows))
+        print(f"written {args.out}/sample.csv and {args.out}/sample.png")
+        return
+    if args.checkpoint:
+        parser.error(f"bench {args.what} takes no checkpoint (unrecognised argument {args.checkpoint!r})")
     if args.what == "attention":
+        lengths = _bench_lengths(args.lengths, "2048,8192,32768,131072")
         if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         rows = bench.bench_attention(lengths, args.heads, args.head_dim, args.window, args.dilated_heads,
                                      args.dilation, args.globals, args.batch, not args.no_naive, args.reps, args.out)
         print(bench.format_rows(rows))
         print(f"written {args.out}/attention.csv and {args.out}/attention.png")
+    elif args.what == "moe":
+        lengths = _bench_lengths(args.lengths, "8192,32768")
+        if extra:
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        rows = bench.bench_moe(lengths, args.d_model, args.ffn_mult, args.experts, args.top_k, args.batch, args.reps,
+                               args.out, args.device, args.impl)
+        print(bench.format_rows(rows))
+        print(f"written {args.out}/moe.csv")
     else:
+        lengths = _bench_lengths(args.lengths, "2048,8192,32768,131072")
         cfg = _load(args, extra, parser)
         for length in lengths:
             rows = bench.bench_model(cfg, length, args.vocab, args.batch, args.reps, args.out, args.compile)
@@ -299,18 +328,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="GPU timings: sparse vs dense attention, and full training steps",
+        help="timings: sparse vs dense attention, training steps, MoE vs dense FFN, samplers' speed vs quality",
         formatter_class=fmt,
         description="attention: forward+backward (bf16) of dense SDPA, our sparse pattern and the naive FlexAttention "
         "mask, with block density, ideal time (density × dense), efficiency (ideal / sparse) and speed-up; CSV + "
-        "log-log PNG. model: one training step (forward, backward, AdamW) of the model with dense and with sparse "
-        "attention, side by side (model sizes and the sparse pattern come from --config and overrides).",
+        "log-log PNG (CUDA only). model: one training step (forward, backward, AdamW) of the model with dense and with "
+        "sparse attention, side by side (model sizes and the sparse pattern come from --config and overrides; CUDA "
+        "only).\n\n"
+        "moe: forward+backward of one MoE feed-forward layer (--experts, --top-k; expert width = dense width / top-k) "
+        "and of the dense FFN of the same active FLOPs (width --ffn-mult × --d-model) on (--batch, L, --d-model) "
+        "inputs, in train mode; bf16 autocast on CUDA, fp32 on the CPU. Reports dense and MoE ms, their ratio, the "
+        "expert-matmul implementation (grouped or loop) and TFLOP/s of the two projections (fwd+bwd) over the "
+        "measured time (for MoE a lower bound: the time includes router and dispatch); moe.csv.\n\n"
+        "sample: generate for the same sources with each --samplers sampler:steps pair of CHECKPOINT (a run "
+        "directory or checkpoint folder); reports seconds per document, target tokens/s and, with references, BLEU "
+        "and ROUGE-L; sample.csv + sample.png (quality vs seconds per document). --sample.key=value settings "
+        "(batch_size, clamp, seed, weights, mbr) apply to every pair.",
         epilog="examples:\n  sadiffuseq bench attention --lengths 2048,8192,32768,131072\n"
         "  sadiffuseq bench model --config base --lengths 32768 --model.window=256 "
-        "--model.dilations=[1,1,1,1,1,1,4,4,4,4,4,4]\n\n" + settings,
+        "--model.dilations=[1,1,1,1,1,1,4,4,4,4,4,4]\n"
+        "  sadiffuseq bench moe --lengths 8192,32768                    8 experts, top-2, d_model 768\n"
+        "  sadiffuseq bench moe --lengths 256,1024 --d-model 256 --device cpu\n"
+        "  sadiffuseq bench sample runs/base --samplers ddpm:2000,ddpm:200,ddim:50,dpm++2m:10,dpm++2m:20 "
+        "--num-examples 8\n"
+        "  sadiffuseq bench sample runs/long --samplers dpm++2m:10,dpm++2m:20 --length 8192 --num-examples 1 "
+        "--spacing logsnr\n\n" + settings,
     )
-    p.add_argument("what", choices=["attention", "model"])
-    p.add_argument("--lengths", default="2048,8192,32768,131072", help="comma-separated sequence lengths")
+    p.add_argument("what", choices=["attention", "model", "moe", "sample"], help="what to time")
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
+                   help="sample only (required there): run directory or checkpoint folder")
+    p.add_argument("--lengths", help="comma-separated sequence lengths (default 2048,8192,32768,131072; "
+                   "moe: 8192,32768)")
     p.add_argument("--heads", type=int, default=16, help="attention: heads (default 16)")
     p.add_argument("--head-dim", type=int, default=64, help="attention: head width (default 64)")
     p.add_argument("--window", type=int, default=256, help="attention: half-width w (default 256)")
@@ -323,6 +371,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=16000, help="model: vocabulary size (default 16000)")
     p.add_argument("--compile", action="store_true", help="model: torch.compile both models")
     p.add_argument("--config", help="model: preset name or YAML file (default: base)")
+    p.add_argument("--experts", type=int, default=8, help="moe: experts E (default 8)")
+    p.add_argument("--top-k", type=int, default=2, help="moe: experts per token (default 2)")
+    p.add_argument("--d-model", type=int, default=768, help="moe: model width (default 768)")
+    p.add_argument("--ffn-mult", type=float, default=4.0, help="moe: dense FFN width / d-model (default 4)")
+    p.add_argument("--impl", choices=["auto", "grouped", "loop"], default="auto",
+                   help="moe: expert matmuls (default auto: grouped where supported)")
+    p.add_argument("--samplers", default="ddpm:2000,ddpm:200,ddim:50,dpm++2m:10,dpm++2m:20",
+                   help="sample: comma-separated sampler:steps pairs (samplers ddpm, ddim, dpm++2m; "
+                   "default %(default)s)")
+    p.add_argument("--num-examples", type=int, default=8, help="sample: documents to generate (default 8)")
+    p.add_argument("--length", type=int, help="sample: row length to generate (default: the run's data.seq_len)")
+    p.add_argument("--split", default="test", help="sample: data split of the sources (default test)")
+    p.add_argument("--input", help="sample: jsonl file of sources (and references) instead of a split")
+    p.add_argument("--spacing", choices=["time", "logsnr"], default="time",
+                   help="sample: which training steps every sampler visits (default time)")
+    p.add_argument("--device", default="auto", help="moe, sample: auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--out", default="bench_out", help="folder for CSV and PNG (default bench_out)")
     p.set_defaults(func=cmd_bench)
 

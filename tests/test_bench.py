@@ -1,0 +1,105 @@
+"""``sadiffuseq bench``: the MoE and sampler benchmarks on the CPU, argument checking, the CUDA-only modes."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from sadiffuseq import bench
+from sadiffuseq.cli import main
+from sadiffuseq.config import load_config
+from sadiffuseq.errors import UserError
+
+from conftest import tiny_overrides
+
+
+def test_bench_moe_on_cpu(tmp_path):
+    rows = bench.bench_moe([64, 128], d_model=32, ffn_mult=4, experts=8, top_k=2, reps=2, warmup=1,
+                           out_dir=tmp_path, device="cpu")
+    assert [r["length"] for r in rows] == [64, 128]
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["ratio"] == pytest.approx(r["moe_ms"] / r["dense_ms"])
+        assert r["impl"] in ("grouped", "loop") and r["dtype"] == "float32"
+        assert r["dense_width"] == 128 and r["expert_width"] == 64  # equal active FLOPs: 128 = 2 × 64
+        assert r["moe_tflops"] > 0 and r["dense_tflops"] > 0
+    # By hand, L=128: 128 tokens × 2 experts × 32 × 64 × 2 FLOPs per projection, 2 projections, ×3 fwd+bwd.
+    r = rows[1]
+    assert r["moe_flops"] == 3 * 2 * (2 * 128 * 2 * 32 * 64) == 3_145_728 * 2
+    assert r["dense_flops"] == r["moe_flops"]  # the same active FLOPs
+    assert r["moe_tflops"] == pytest.approx(r["moe_flops"] / (r["moe_ms"] / 1e3) / 1e12)
+    with open(tmp_path / "moe.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_bench_moe_cli(tmp_path, capsys):
+    out = tmp_path / "b"
+    rc = main(["bench", "moe", "--d-model", "32", "--lengths", "64", "--reps", "1", "--device", "cpu",
+               "--impl", "loop", "--out", str(out)])
+    assert rc == 0 and (out / "moe.csv").is_file()
+    assert "loop" in capsys.readouterr().out
+    assert main(["bench", "moe", "--top-k", "9", "--lengths", "64", "--device", "cpu", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ddpm", "no step count"),
+        ("beam:10", "unknown sampler 'beam'.*ddpm, ddim, dpm\\+\\+2m"),
+        ("ddpm:x", "positive integer"),
+        ("ddpm:0", "positive integer"),
+        ("ddpm:10,", "comma-separated"),
+        ("", "comma-separated"),
+        ("ddim:5,ddim:5", "listed twice"),
+    ],
+)
+def test_parse_samplers_rejects_bad_input(text, message):
+    with pytest.raises(UserError, match=message):
+        bench.parse_samplers(text)
+
+
+def test_parse_samplers():
+    assert bench.parse_samplers(" ddpm:2000, dpm++2m:10 ") == [("ddpm", 2000), ("dpm++2m", 10)]
+    with pytest.raises(UserError, match="exceeds the checkpoint's diffusion.steps=100"):
+        bench.parse_samplers("ddim:50,ddpm:200", total_steps=100)
+
+
+def test_bench_sample_cli_errors(tmp_path, capsys):
+    assert main(["bench", "sample", "--samplers", "ddpm:10"]) == 2
+    assert "needs a checkpoint" in capsys.readouterr().err
+    assert main(["bench", "sample", str(tmp_path), "--samplers", "foo:3"]) == 2
+    assert "unknown sampler 'foo'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+def test_bench_attention_needs_cuda(tmp_path, capsys):
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        bench.bench_attention([128], out_dir=tmp_path)
+    assert main(["bench", "attention", "--lengths", "128", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_sample_end_to_end(tmp_path, capsys):
+    from sadiffuseq.train import train
+
+    cfg = load_config(None, tiny_overrides(tmp_path))
+    run_dir = train(cfg, progress=False, log=lambda *_: None)
+    out = tmp_path / "bench"
+    rc = main(["bench", "sample", str(run_dir), "--samplers", "ddpm:10,dpm++2m:5", "--num-examples", "4",
+               "--length", "40", "--device", "cpu", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    with open(out / "sample.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["ddpm:10", "dpm++2m:5"]
+    for r in rows:
+        assert int(r["documents"]) == 4 and int(r["seq_len"]) == 40
+        for key in ("seconds_per_doc", "target_tokens_per_s", "bleu", "rougeL"):
+            assert math.isfinite(float(r[key]))
+        assert float(r["seconds_per_doc"]) > 0 and float(r["target_tokens_per_s"]) > 0
+    assert (out / "sample.png").stat().st_size > 0
+    # steps > T is caught once the checkpoint says T
+    assert main(["bench", "sample", str(run_dir), "--samplers", "ddim:500", "--device", "cpu",
+                 "--out", str(out)]) == 2
+    assert "diffusion.steps=100" in capsys.readouterr().err
