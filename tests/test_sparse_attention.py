@@ -45,6 +45,17 @@ def _qkv(L, heads, device, dtype=torch.float32, hd=8):
     return [torch.randn(2, heads, L, hd, generator=g, dtype=dtype).to(device).requires_grad_() for _ in range(3)]
 
 
+def _out_and_grads(case, backend, device="cpu", hd=8, copies=False):
+    """Output and q/k/v gradients of one backend on the case's fixed inputs (a fixed linear loss)."""
+    L, heads, window, dilations, first, every, packed = case
+    layer = _layer(L, heads, window, dilations, first, every, backend, hd=hd).to(device)
+    layer.global_copies = copies
+    q, k, v = _qkv(L, heads, device, hd=hd)
+    out = layer.attend(q, k, v, _docs(L, 2, packed, device))
+    (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_permuted_mask_equals_the_pattern_in_original_order(case):
     L, heads, window, dilations, first, every, packed = case
@@ -66,16 +77,7 @@ def test_permuted_mask_equals_the_pattern_in_original_order(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_banded_matches_dense_outputs_and_gradients(case):
-    L, heads, window, dilations, first, every, packed = case
-    docs = _docs(L, 2, packed, "cpu")
-    results = {}
-    for backend in ("dense", "banded"):
-        layer = _layer(L, heads, window, dilations, first, every, backend)
-        q, k, v = _qkv(L, heads, "cpu")
-        out = layer.attend(q, k, v, docs)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results[backend] = (out.detach(), q.grad, k.grad, v.grad)
-    for a, b in zip(results["dense"], results["banded"]):
+    for a, b in zip(_out_and_grads(case, "dense"), _out_and_grads(case, "banded")):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
@@ -94,17 +96,9 @@ def test_flex_forward_on_cpu_matches_dense(case):
 @pytest.mark.parametrize("copies", [False, True])
 @pytest.mark.parametrize("case", CASES + [(4500, 4, 256, [1, 1, 4, 4], 16, 0, True)])
 def test_flex_matches_dense_on_gpu(case, copies):
-    L, heads, window, dilations, first, every, packed = case
-    docs = _docs(L, 2, packed, "cuda")
-    results = {}
-    for backend in ("dense", "flex"):  # the fused FlexAttention kernel needs heads of width >= 16
-        layer = _layer(L, heads, window, dilations, first, every, backend, hd=16).cuda()
-        layer.global_copies = copies
-        q, k, v = _qkv(L, heads, "cuda", hd=16)
-        out = layer.attend(q, k, v, docs)
-        (out * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
-        results[backend] = (out.detach(), q.grad, k.grad, v.grad)
-    for a, b in zip(results["dense"], results["flex"]):
+    # the fused FlexAttention kernel needs heads of width >= 16
+    ref = _out_and_grads(case, "dense", "cuda", hd=16)
+    for a, b in zip(ref, _out_and_grads(case, "flex", "cuda", hd=16, copies=copies)):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), (a - b).abs().max()
 
 
@@ -177,15 +171,5 @@ def test_flex_with_global_copies_matches_dense_including_gradients(case, monkeyp
         return out.masked_fill(empty[:, None], 0.0)
 
     monkeypatch.setattr(backends, "_flex", dense_flex)
-    L, heads, window, dilations, first, every, packed = case
-    docs = _docs(L, 2, packed, "cpu")
-    results = {}
-    for backend, copies in (("dense", False), ("flex", True)):
-        layer = _layer(L, heads, window, dilations, first, every, backend)
-        layer.global_copies = copies
-        q, k, v = _qkv(L, heads, "cpu")
-        out = layer.attend(q, k, v, docs)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results[backend] = (out.detach(), q.grad, k.grad, v.grad)
-    for a, b in zip(results["dense"], results["flex"]):
+    for a, b in zip(_out_and_grads(case, "dense"), _out_and_grads(case, "flex", copies=True)):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
