@@ -1,4 +1,7 @@
-"""Where does the sparse attention time go? One group of heads at a time, forward and forward+backward."""
+"""Where does the sparse attention time go? One group of heads at a time, forward and forward+backward.
+
+Usage: python3 scripts/gpu_flex_diag.py [LENGTH] [--autotune]   (--autotune adds max-autotune kernels)
+"""
 
 import sys
 
@@ -43,6 +46,14 @@ for d in (1, 4):
     rows.append((f"ours d={d}, global copies", float("nan"),
                  cuda_time_ms(lambda: flex_attention(q, k, v, lay, w, global_copies=True)),
                  cuda_time_ms(fb(lambda: flex_attention(q, k, v, lay, w, global_copies=True)))))
+if "--autotune" in sys.argv:  # the same kernels with Inductor's block-size / warp / stage search
+    from torch.nn.attention.flex_attention import flex_attention as raw_flex
+
+    tuned = torch.compile(raw_flex, dynamic=False, mode="max-autotune-no-cudagraphs")
+    bm1 = block_mask_for(patterns.make_layout(isg, 1), w, L)
+    for name, bm in (("window only, autotuned", sw), ("ours d=1, autotuned", bm1)):
+        rows.append((name, block_density(bm), cuda_time_ms(lambda: tuned(q, k, v, block_mask=bm)),
+                     cuda_time_ms(fb(lambda: tuned(q, k, v, block_mask=bm)))))
 print(f"L={L}, H={H}, hd={hd}, bf16")
 print(f"{'variant':<24}{'density':>9}{'fwd ms':>9}{'fwd+bwd ms':>12}")
 for name, dens, f, fbm in rows:

@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
     p.add_argument("--no-naive", action="store_true", help="attention: skip the naive FlexAttention variant")
     p.add_argument("--vocab", type=int, default=16000, help="model: vocabulary size (default 16000)")
-    p.add_argument("--compile", action="store_true", help="model: torch.compile both models")
+    p.add_argument("--compile", action="store_true", help="model: compile the blocks of both models (Denoiser.compile_blocks)")
     p.add_argument("--config", help="model: preset name or YAML file (default: base)")
     p.add_argument("--experts", type=int, default=8, help="moe: experts E (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="moe: experts per token (default 2)")

@@ -203,7 +203,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each transformer block (Denoiser.compile_blocks)
     log_every: int = 10
     eval_every: int = 0  # validation loss every N steps (0 = only at the end)
     eval_batches: int = 8

@@ -285,6 +285,7 @@ class MoEFFN(nn.Module):
         self.route_bias.add_(self.bias_rate * torch.sign(c.mean() - c))  # all zero (no forward yet): no change
         c.zero_()
 
+    @torch.compiler.disable  # data-dependent shapes (tokens per expert) and statistics kept on the module
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, d = x.shape, x.shape[-1]
         flat = x.reshape(-1, d)

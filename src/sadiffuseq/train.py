@@ -164,7 +164,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
         torch.manual_seed(cfg.train.seed + 1)  # the training noise stream, independent of the init stream
     metrics = MetricsLog(run_dir / "metrics.jsonl", step if resume else None)
 
-    fwd = torch.compile(model) if cfg.train.compile else model
+    if cfg.train.compile:
+        model.compile_blocks()
+    fwd = model
     # MoE: per-layer expert load, router entropy and dropped pairs, averaged over the steps of each log interval.
     moe_meter = MoEStatsMeter() if model.moe_modules() else None
     n_params = model.num_parameters()

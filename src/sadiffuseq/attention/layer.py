@@ -49,6 +49,7 @@ class SparseSelfAttention(nn.Module):
             y = self._global_rows(x, y, ctx)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
+    @torch.compiler.disable  # own kernels, compiled once per process; BlockMask caches are Python-side state
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids=None) -> torch.Tensor:
         """The sparse pattern on (B, H, L, hd) queries/keys/values (rotary already applied)."""
         L = q.shape[2]
