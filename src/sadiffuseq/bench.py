@@ -130,7 +130,7 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
 
 
 def bench_model(cfg: Config, length: int, vocab: int = 16000, batch: int = 1, reps: int = 5,
-                out_dir: str | Path = "bench_out", compile: bool = False) -> list[dict]:
+                out_dir: str | Path = "bench_out", compile: str | bool = "") -> list[dict]:
     """One training step of the dense-attention model and of the sparse one, same sizes, side by side."""
     import copy
 
@@ -148,7 +148,8 @@ def bench_model(cfg: Config, length: int, vocab: int = 16000, batch: int = 1, re
         mcfg.dropout = 0.0
         torch.manual_seed(0)
         model = Denoiser(mcfg, vocab, absorbing=cfg.diffusion.absorbing).to(device)
-        fwd = model.compile_blocks() if compile else model
+        options = {"mode": compile} if isinstance(compile, str) and compile not in ("", "default") else {}
+        fwd = model.compile_blocks(**options) if compile else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(4, vocab, (batch, length), device=device)
         mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
@@ -188,7 +189,7 @@ def moe_flops(tokens: int, d_model: int, hidden: int, top_k: int = 1) -> int:
 
 def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, experts: int = 8, top_k: int = 2,
               batch: int = 1, reps: int = 10, out_dir: str | Path = "bench_out", device: str | torch.device = "auto",
-              impl: str = "auto", warmup: int = 3) -> list[dict]:
+              impl: str = "auto", warmup: int = 3, compile: str | bool = "") -> list[dict]:
     """Forward+backward of one MoE feed-forward layer and of the dense FFN of the same active FLOPs, side by side.
 
     The dense FFN has width ``H = ffn_mult · d_model``; the MoE layer has ``experts`` experts of width
@@ -205,7 +206,11 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     implementation the layer resolved to: grouped or loop), and ``dense_tflops`` / ``moe_tflops``: the FLOPs of
     :func:`moe_flops` (the two projections, forward + backward) divided by the measured time of the whole layer.
     For the MoE layer that time includes the router, the sort/dispatch, the gathers and the weighted
-    ``index_add``, so ``moe_tflops`` is a *lower bound* of the rate of the expert matmuls themselves.
+    gate weighting, so ``moe_tflops`` is a *lower bound* of the rate of the expert matmuls themselves.
+
+    ``compile``: both layers through ``torch.compile`` (a mode name, e.g. ``"reduce-overhead"`` for CUDA graphs, or
+    ``"default"``/True; the MoE layer's :meth:`~sadiffuseq.moe.MoEFFN.routed_forward`,
+    which fuses the routing, bias, GELU and gate elementwise work around the grouped matmuls).
     """
     from sadiffuseq.model import DenseFFN
     from sadiffuseq.moe import MoEFFN, expert_hidden
@@ -225,9 +230,12 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     dense_width, hidden = dense.up.out_features, expert_hidden(cfg)
     dtype = torch.bfloat16 if on_cuda else torch.float32
     impl_used = moe.resolve_impl(dev, dtype)
+    options = {"mode": compile} if isinstance(compile, str) and compile not in ("", "default") else {}
+    dense_fn = torch.compile(dense, **options) if compile else dense
+    moe_fn = torch.compile(moe.routed_forward, **options) if compile else moe
     bias_before = None if moe.route_bias is None else moe.route_bias.detach().clone()
 
-    def fwd_bwd(module, x, grad):
+    def fwd_bwd(module, layer, x, grad):
         def step():
             if on_cuda:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -235,7 +243,7 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
             else:
                 y = module(x)
             y.backward(grad.to(y.dtype))
-            module.zero_grad(set_to_none=True)
+            layer.zero_grad(set_to_none=True)
             x.grad = None
 
         return step
@@ -245,14 +253,14 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
         torch.manual_seed(L)
         x = torch.randn(batch, L, d_model, device=dev, requires_grad=True)
         grad = torch.randn(batch, L, d_model, device=dev)
-        dense_ms = cuda_time_ms(fwd_bwd(dense, x, grad), warmup=warmup, reps=reps)
-        moe_ms = cuda_time_ms(fwd_bwd(moe, x, grad), warmup=warmup, reps=reps)
+        dense_ms = cuda_time_ms(fwd_bwd(dense_fn, dense, x, grad), warmup=warmup, reps=reps)
+        moe_ms = cuda_time_ms(fwd_bwd(moe_fn, moe, x, grad), warmup=warmup, reps=reps)
         tokens = batch * L
         dense_flops = moe_flops(tokens, d_model, dense_width)
         expert_flops = moe_flops(tokens, d_model, hidden, top_k)
         rows.append({"length": L, "batch": batch, "d_model": d_model, "dense_width": dense_width,
                      "experts": experts, "top_k": top_k, "expert_width": hidden, "device": dev.type,
-                     "dtype": str(dtype).removeprefix("torch."), "impl": impl_used,
+                     "dtype": str(dtype).removeprefix("torch."), "impl": impl_used, "compiled": compile or False,
                      "dense_ms": dense_ms, "moe_ms": moe_ms, "ratio": moe_ms / dense_ms,
                      "dense_flops": dense_flops, "moe_flops": expert_flops,
                      "dense_tflops": dense_flops / (dense_ms * 1e-3) / 1e12,

@@ -207,7 +207,7 @@ def cmd_bench(args, extra, parser) -> None:
         if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         rows = bench.bench_moe(lengths, args.d_model, args.ffn_mult, args.experts, args.top_k, args.batch, args.reps,
-                               args.out, args.device, args.impl)
+                               args.out, args.device, args.impl, compile=args.compile)
         print(bench.format_rows(rows))
         print(f"written {args.out}/moe.csv")
     else:
@@ -369,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
     p.add_argument("--no-naive", action="store_true", help="attention: skip the naive FlexAttention variant")
     p.add_argument("--vocab", type=int, default=16000, help="model: vocabulary size (default 16000)")
-    p.add_argument("--compile", action="store_true", help="model: compile the blocks of both models (Denoiser.compile_blocks)")
+    p.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
+                   help="model: compile the blocks of both models (Denoiser.compile_blocks); moe: compile both layers; "
+                   "MODE is a torch.compile mode (default, reduce-overhead = CUDA graphs, max-autotune, ...)")
     p.add_argument("--config", help="model: preset name or YAML file (default: base)")
     p.add_argument("--experts", type=int, default=8, help="moe: experts E (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="moe: experts per token (default 2)")

@@ -300,6 +300,7 @@ class MoEFFN(nn.Module):
             self.route_pending = nn.Parameter(torch.zeros(E), requires_grad=False)
         else:
             self.route_bias = self.route_pending = None
+        self._resolved: dict[tuple[str, torch.dtype], str] = {}
         self.last_aux: dict[str, torch.Tensor] = {}
         self.last_stats: dict[str, torch.Tensor] = {}
 
@@ -307,9 +308,16 @@ class MoEFFN(nn.Module):
         return f"layer={self.layer}, experts={self.n_experts}, top_k={self.top_k}, hidden={self.hidden}"
 
     def resolve_impl(self, device: torch.device, dtype: torch.dtype) -> str:
-        """The expert-matmul implementation this forward uses (``model.moe_impl`` resolved)."""
+        """The expert-matmul implementation this forward uses (``model.moe_impl`` resolved; cached per device type
+        and dtype, so a compiled forward finds it without re-probing)."""
         if self.impl == "loop":
             return "loop"
+        key = (torch.device(device).type, dtype)
+        if key not in self._resolved:
+            self._resolved[key] = self._resolve_impl(device, dtype)
+        return self._resolved[key]
+
+    def _resolve_impl(self, device: torch.device, dtype: torch.dtype) -> str:
         ok = _aligned_for_grouped_mm(dtype, self.d_model, self.hidden) and grouped_mm_supported(device, dtype)
         if ok:
             return "grouped"
@@ -331,7 +339,14 @@ class MoEFFN(nn.Module):
         c.zero_()
 
     @torch.compiler.disable  # data-dependent shapes (tokens per expert) and statistics kept on the module
+    @torch.compiler.disable  # the model's compiled blocks leave the MoE layer eager (see routed_forward)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.routed_forward(x)
+
+    def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer itself. Dropless dispatch has static shapes (N·k pairs; the per-expert counts only enter as
+        grouped-matmul offsets), so this can be compiled on its own — ``bench moe --compile`` measures that; the
+        training path keeps it eager."""
         shape, d = x.shape, x.shape[-1]
         flat = x.reshape(-1, d)
         n = flat.shape[0]
