@@ -292,9 +292,10 @@ def test_samplers_shift_by_m(sampler):
     assert x0.var().item() == pytest.approx(s**2 * ab0 * s**2 / (ab0 * s**2 + 1 - ab0), rel=0.08)
 
 
+@pytest.mark.parametrize("reinject", ["mask", "replace"])
 @pytest.mark.parametrize("stratified", [False, True])
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m"])
-def test_sampling_with_absorbing_keeps_source_reinjects_and_is_seeded(sampler, stratified):
+def test_sampling_with_absorbing_keeps_source_reinjects_and_is_seeded(sampler, stratified, reinject):
     model = _tiny_model(True)
     with torch.no_grad():
         model.absorb.copy_(torch.randn(16))
@@ -307,7 +308,8 @@ def test_sampling_with_absorbing_keeps_source_reinjects_and_is_seeded(sampler, s
     handle = model.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].clone()))
 
     def run(seed):
-        return sample_x0(model, diffusion, ids, mask, sampler, 10, generator=torch.Generator().manual_seed(seed))
+        return sample_x0(model, diffusion, ids, mask, sampler, 10, generator=torch.Generator().manual_seed(seed),
+                         reinject=reinject)
 
     a = run(1)
     seen, inputs[:] = list(inputs), []
@@ -318,12 +320,50 @@ def test_sampling_with_absorbing_keeps_source_reinjects_and_is_seeded(sampler, s
     absorbed = [_is_m(x, m) for x in seen]
     assert not any(x[:, :4].any() for x in absorbed)  # never at protected positions
     assert not any(x[~mask].any() for x in absorbed)  # nor at the source
-    assert not absorbed[0].any()  # the start is m + N(0, I), not m
     assert not absorbed[-1].any()  # no re-injection before the final prediction
     assert all(x[mask].any() for x in absorbed[1:-1])  # re-injected at the steps in between
-    # x_T is centred on m: the first input minus m is ≈ N(0, I) on target positions.
-    start = seen[0][mask] - m
+    # mask: the first call is absorbed at the training rate of step T-1 too; replace starts from m + N(0, I).
+    assert absorbed[0].any() == (reinject == "mask")
+    # x_T is centred on m: the first state minus m is ≈ N(0, I) on the target positions the network sees.
+    start = (seen[0] - m)[mask & ~absorbed[0]]
     assert start.mean().abs().item() < 0.15 and start.std().item() == pytest.approx(1.0, rel=0.15)
+
+
+class AbsorbingGaussianModel(CentredGaussianModel):
+    """The Gaussian toy's exact predictor with absorbing: an input exactly at m carries no information about its
+    x0 (coordinates are independent), so the prediction there is the data mean; elsewhere the Gaussian posterior."""
+
+    def forward(self, x, t, doc_ids=None):
+        at_m = (x == self.absorb).all(-1, keepdim=True)
+        return torch.where(at_m, torch.full_like(x, self.mu), super().forward(x, t, doc_ids))
+
+
+# Measured (4080 x 4 values, seed 0, T = 2000, γ = 0.5, mean of the final prediction; μ = 1.5; dpm++2m with
+# log-SNR spacing, ddpm with time spacing):
+#                     dpm++2m 10   dpm++2m 20   dpm++2m 50   ddpm 200   ddpm 2000
+#   reinject=mask       1.494        1.492        1.495       1.502      1.497
+#   reinject=replace    1.012        0.647        0.311       0.632      0.311
+@pytest.mark.parametrize("sampler,steps", [("dpm++2m", 10), ("dpm++2m", 50), ("ddpm", 200)])
+def test_mask_reinjection_keeps_the_data_mean_where_replace_drifts_to_m(sampler, steps):
+    diffusion = Diffusion(DiffusionConfig(steps=2000, absorbing=True, absorb_gamma=0.5))
+    model = AbsorbingGaussianModel(diffusion, 1.5, 0.7, m=0.0)
+    ids, mask = torch.zeros(1, 4096, dtype=torch.long), torch.ones(1, 4096, dtype=torch.bool)
+    mask[:, :16] = False
+
+    def mean(reinject):
+        x0 = sample_x0(model, diffusion, ids, mask, sampler, steps, generator=torch.Generator().manual_seed(0),
+                       spacing="logsnr" if sampler == "dpm++2m" else "time", reinject=reinject)
+        return x0[0, 16:].mean().item()
+
+    assert mean("mask") == pytest.approx(1.5, abs=0.03)
+    assert mean("replace") < 1.2  # pulled toward m = 0 by positions that linger near m
+
+
+def test_unknown_reinjection_rule_is_refused():
+    model, diffusion = _tiny_model(True), Diffusion(DiffusionConfig(steps=50, absorbing=True))
+    ids, mask = _rows()
+    with pytest.raises(ValueError, match="re-injection"):
+        sample_x0(model, diffusion, ids, mask, "ddim", 5, reinject="sometimes")
 
 
 # -- config and training --------------------------------------------------------------------------------------

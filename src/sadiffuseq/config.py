@@ -231,6 +231,9 @@ class SampleConfig:
     sampler: str = "ddpm"  # ddpm (ancestral), ddim (deterministic) or dpm++2m (DPM-Solver++(2M), deterministic)
     steps: int = 200  # denoising steps: a subset of the T training steps, chosen by `spacing`
     spacing: str = "time"  # which steps: time (evenly spread in t) or logsnr (evenly spread in log-SNR λ)
+    # diffusion.absorbing: mask = the network sees re-absorbed positions as m while their trajectory goes on;
+    # replace = the trajectory itself is set to m (biased toward m; kept to reproduce earlier results)
+    absorb_reinject: str = "mask"
     mbr: int = 1  # candidates per source; >1 keeps the minimum-Bayes-risk one (highest mean BLEU to the others)
     clamp: bool = False  # snap each x0 prediction to the nearest word embedding
     batch_size: int = 16
@@ -242,6 +245,7 @@ class SampleConfig:
     def validate(self) -> None:
         _choice(self, "sampler", ("ddpm", "ddim", "dpm++2m"))
         _choice(self, "spacing", ("time", "logsnr"))
+        _choice(self, "absorb_reinject", ("mask", "replace"))
         _positive(self, "steps", "batch_size", "mbr")
         _non_negative(self, "num_examples")
         _choice(self, "split", ("train", "valid", "test"))

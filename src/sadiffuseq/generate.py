@@ -76,7 +76,8 @@ def generate_records(
         texts: list[list[str]] = [[] for _ in srcs]  # texts[i][k]: candidate k of source i
         for _ in range(s.mbr):
             x0 = sample_x0(
-                model, diffusion, ids, mask, s.sampler, s.steps, s.clamp, generator, dtype=dtype, spacing=s.spacing
+                model, diffusion, ids, mask, s.sampler, s.steps, s.clamp, generator, dtype=dtype, spacing=s.spacing,
+                reinject=s.absorb_reinject,
             )
             tokens = round_to_tokens(model, x0, ids, mask).cpu()
             for i, src in enumerate(srcs):
