@@ -81,15 +81,26 @@ def test_bench_attention_needs_cuda(tmp_path, capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_bench_sample_end_to_end(tmp_path, capsys):
+def test_bench_sample_end_to_end(tmp_path, capsys, monkeypatch):
+    import sadiffuseq.generate
     from sadiffuseq.train import train
 
     cfg = load_config(None, tiny_overrides(tmp_path))
     run_dir = train(cfg, progress=False, log=lambda *_: None)
     out = tmp_path / "bench"
+    calls = []  # (number of sources, steps) of every generation, warm-up included
+    real = sadiffuseq.generate.generate_records
+
+    def spy(model, cfg, tokenizer, srcs, *args, **kwargs):
+        calls.append((len(srcs), cfg.sample.steps))
+        return real(model, cfg, tokenizer, srcs, *args, **kwargs)
+
+    monkeypatch.setattr(sadiffuseq.generate, "generate_records", spy)
     rc = main(["bench", "sample", str(run_dir), "--samplers", "ddpm:10,dpm++2m:5", "--num-examples", "4",
-               "--length", "40", "--device", "cpu", "--out", str(out)])
+               "--length", "40", "--device", "cpu", "--out", str(out), "--sample.batch_size=3"])
     assert rc == 0, capsys.readouterr().err
+    # untimed warm-ups with both batch shapes of the timed runs (3 + 1 sources), then one run per sampler
+    assert calls == [(1, 2), (3, 2), (4, 10), (4, 5)]
     with open(out / "sample.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["label"] for r in rows] == ["ddpm:10", "dpm++2m:5"]

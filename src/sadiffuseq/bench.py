@@ -325,8 +325,8 @@ def bench_sample(checkpoint: str | Path, samplers: list[tuple[str, int]] | str, 
     ``[BOS] src [SEP]`` + positions to generate, padded to it). ``overrides`` are ``--sample.key=value`` settings
     (batch size, clamp, seed, weights, ...) applied to every sampler; sampler, steps and spacing come from here.
 
-    Each setting starts from the same seed. The first one is preceded by an untimed warm-up generation (one
-    source, two steps). Per setting the row gives ``seconds_per_doc`` (synchronised wall time of the whole
+    Each setting starts from the same seed. The first one is preceded by untimed warm-up generations (two steps,
+    one per batch shape the timed runs use). Per setting the row gives ``seconds_per_doc`` (synchronised wall time of the whole
     generation, rounding and decoding included, / documents), ``target_tokens_per_s`` (positions generated per
     row, summed over rows, / time) and, when references exist, ``bleu`` (sacrebleu corpus BLEU), ``sentence_bleu``
     and ``rougeL`` from :func:`~sadiffuseq.evaluate.compute_metrics`. Writes ``sample.csv`` and ``sample.png``.
@@ -375,9 +375,13 @@ def bench_sample(checkpoint: str | Path, samplers: list[tuple[str, int]] | str, 
 
     import copy
 
+    # Untimed warm-up with every batch shape the timed runs will use (a full batch and the remainder): compiled
+    # kernels (FlexAttention on CUDA) specialise on the batch size, and compiling must not count as sampling time.
     warm = copy.deepcopy(cfg)
     warm.sample.sampler, warm.sample.steps, warm.sample.mbr = samplers[0][0], min(2, samplers[0][1]), 1
-    generate_records(model, warm, tokenizer, srcs[:1], refs[:1], dev, progress=False)
+    batch = max(1, cfg.sample.batch_size)
+    for size in sorted({min(batch, len(srcs)), len(srcs) % batch} - {0}):
+        generate_records(model, warm, tokenizer, srcs[:size], refs[:size], dev, progress=False)
 
     rows = []
     for name, steps in samplers:
