@@ -27,7 +27,7 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
   the sorted rows, or — where that kernel is missing or does not support the dtype/device/shape — one matmul
   per expert over its contiguous slice (the same numbers). Results are copied back to (token, slot) order and
   weighted by the gates in fp32. Nothing in the forward or backward uses atomic adds: the bias gradients are
-  per-segment sums and the input gradient is gathered per pair, then summed over each token's k slots.
+  one small one-hot matmul and the input gradient is gathered per pair, then summed over each token's k slots.
 * **Capacity** (``moe_capacity_factor = c > 0``): each expert keeps at most ``ceil(c · N · k / E)`` pairs, in
   token order (earlier positions first); the rest are dropped (that expert contributes nothing to that token;
   the remaining gates are *not* renormalised) and counted in the statistics.
@@ -338,7 +338,6 @@ class MoEFFN(nn.Module):
         self.route_bias.add_(self.bias_rate * torch.sign(c.mean() - c))  # all zero (no forward yet): no change
         c.zero_()
 
-    @torch.compiler.disable  # data-dependent shapes (tokens per expert) and statistics kept on the module
     @torch.compiler.disable  # the model's compiled blocks leave the MoE layer eager (see routed_forward)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.routed_forward(x)
