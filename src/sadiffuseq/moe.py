@@ -26,8 +26,9 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
   expert counts give the offsets; each projection is then one grouped matmul (``torch._grouped_mm``) over
   the sorted rows, or — where that kernel is missing or does not support the dtype/device/shape — one matmul
   per expert over its contiguous slice (the same numbers). Results are copied back to (token, slot) order and
-  weighted by the gates in fp32. Nothing in the forward or backward uses atomic adds: the bias gradients are
-  one small one-hot matmul and the input gradient is gathered per pair, then summed over each token's k slots.
+  weighted by the gates (the sum over the k slots accumulates in fp32). Nothing in the forward or backward
+  uses atomic adds: the bias gradients are one small one-hot matmul, and the input gradient is gathered per
+  pair, then summed over each token's k slots.
 * **Capacity** (``moe_capacity_factor = c > 0``): each expert keeps at most ``ceil(c · N · k / E)`` pairs, in
   token order (earlier positions first); the rest are dropped (that expert contributes nothing to that token;
   the remaining gates are *not* renormalised) and counted in the statistics.
@@ -368,10 +369,11 @@ class MoEFFN(nn.Module):
                 impl,
             )
             # Back to (token, slot) order — pair indices are unique, so a copy rather than atomic adds — then
-            # each token's k outputs weighted by its gates (dropped pairs are zero rows).
+            # each token's k outputs weighted by its gates (dropped pairs are zero rows). In the compute dtype:
+            # the sum over the k slots accumulates in fp32 inside the reduction, and an fp32 copy of the
+            # (N, k, d) slots would double the memory traffic of the combine and of its backward.
             slots = torch.index_copy(ys.new_zeros(n * self.top_k, d), 0, disp.pair, ys).view(n, self.top_k, d)
-            out = (slots.float() * r.gates[..., None]).sum(1)
-        y = out.to(dtype)
+            y = (slots * r.gates.to(dtype)[..., None]).sum(1)
         if self.shared is not None:
             y = y + self.shared(flat)
 
