@@ -20,22 +20,4 @@ echo "train wall time: $(( $(date +%s) - start )) s"
 cp $run/metrics.jsonl $run/loss.png $run/config.yaml "$OUT"/
 python3 -m sadiffuseq sample $run --sample.num_examples=8 --sample.batch_size=8 --sample.steps=100 \
     --sample.sampler=ddim --out "$OUT"/samples.jsonl 2>&1 | tr '\r' '\n' | grep -v 'it/s\]$'
-python3 - "$run/metrics.jsonl" "$OUT/summary.json" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-train = [r for r in rows if "loss" in r]
-val = [r for r in rows if "val_loss" in r]
-steady = train[len(train) // 5:]  # skip start-up and compilation of the first fifth
-summary = {
-    "steps": train[-1]["step"],
-    "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in steady),
-    "target_tokens_per_s_median": statistics.median(r["target_tokens_per_s"] for r in steady),
-    "peak_mem_gb": max(r.get("peak_mem_gb", 0) for r in train),
-    "train_loss_first": train[0]["loss"], "train_loss_last": train[-1]["loss"],
-    "val_loss": [(r["step"], round(r["val_loss"], 4)) for r in val],
-    "val_pred_ce": [(r["step"], round(r["val_pred_ce"], 4)) for r in val],
-}
-json.dump(summary, open(sys.argv[2], "w"), indent=2)
-for k, v in summary.items():
-    print(f"{k:>28}: {v}")
-PY
+python3 scripts/summarize_run.py "$run/metrics.jsonl" "$OUT/summary.json"

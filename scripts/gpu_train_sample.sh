@@ -21,31 +21,7 @@ python3 -m sadiffuseq train --config "$CONFIG" --train.out_dir=$run --train.time
     --train.save_every=1000000 ${OVERRIDES:-} 2>&1 | tr "\r" "\n" | grep -v "^\s*$" | grep -v "it/s\]$" | tail -8
 echo "train wall time: $(( $(date +%s) - start )) s"
 cp $run/metrics.jsonl $run/*.png $run/config.yaml "$OUT"/
-python3 - "$run/metrics.jsonl" "$OUT/summary.json" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-train = [r for r in rows if "loss" in r]
-val = [r for r in rows if "val_loss" in r]
-steady = train[len(train) // 5:]  # skip start-up and compilation
-s = {"steps": train[-1]["step"],
-     "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in steady)),
-     "target_tokens_per_s_median": round(statistics.median(r["target_tokens_per_s"] for r in steady)),
-     "peak_mem_gb": max(r.get("peak_mem_gb", 0) for r in train),
-     "train_loss_first_last": [train[0]["loss"], train[-1]["loss"]],
-     "val_loss": [(r["step"], round(r["val_loss"], 4)) for r in val],
-     "val_mse": [(r["step"], round(r["val_mse"], 4)) for r in val],
-     "val_pred_ce": [(r["step"], round(r["val_pred_ce"], 3)) for r in val]}
-loads = [r for r in train if any(k.startswith("moe_load_l") for k in r)]
-if loads:  # expert load after warm-up (the first fifth of the logged intervals), as a fraction of the fair share
-    late = loads[len(loads) // 5:]
-    E = len(next(v for k, v in late[0].items() if k.startswith("moe_load_l")))
-    fair = [min(v) * E for r in late for k, v in r.items() if k.startswith("moe_load_l")]
-    s["moe_min_load_vs_fair_after_warmup"] = round(min(fair), 3)
-    s["moe_min_load_vs_fair_last"] = round(min(min(v) * E for k, v in loads[-1].items() if k.startswith("moe_load_l")), 3)
-json.dump(s, open(sys.argv[2], "w"), indent=1)
-for k, v in s.items():
-    print(f"{k:>34}: {v}")
-PY
+python3 scripts/summarize_run.py "$run/metrics.jsonl" "$OUT/summary.json"
 if [ -n "${TIMING_SAMPLERS:-}" ]; then
   python3 -m sadiffuseq bench sample $run --samplers "$TIMING_SAMPLERS" --num-examples 1 --sample.batch_size=1 \
       --out "$OUT/timing" ${LENGTH:+--length $LENGTH} 2>&1 | tr "\r" "\n" | grep -v "^\s*$" | grep -v "it/s\]$" | tail -6

@@ -52,6 +52,11 @@ def cuda_time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def _compile_options(compile: str | bool) -> dict:
+    """``torch.compile`` keyword arguments for a ``--compile [MODE]`` value (True / "default": none)."""
+    return {"mode": compile} if isinstance(compile, str) and compile not in ("", "default") else {}
+
+
 def _fwd_bwd(attend, q, k, v, grad):
     def step():
         out = attend(q, k, v)
@@ -148,8 +153,7 @@ def bench_model(cfg: Config, length: int, vocab: int = 16000, batch: int = 1, re
         mcfg.dropout = 0.0
         torch.manual_seed(0)
         model = Denoiser(mcfg, vocab, absorbing=cfg.diffusion.absorbing).to(device)
-        options = {"mode": compile} if isinstance(compile, str) and compile not in ("", "default") else {}
-        fwd = model.compile_blocks(**options) if compile else model
+        fwd = model.compile_blocks(**_compile_options(compile)) if compile else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(4, vocab, (batch, length), device=device)
         mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
@@ -230,7 +234,7 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     dense_width, hidden = dense.up.out_features, expert_hidden(cfg)
     dtype = torch.bfloat16 if on_cuda else torch.float32
     impl_used = moe.resolve_impl(dev, dtype)
-    options = {"mode": compile} if isinstance(compile, str) and compile not in ("", "default") else {}
+    options = _compile_options(compile)
     dense_fn = torch.compile(dense, **options) if compile else dense
     moe_fn = torch.compile(moe.routed_forward, **options) if compile else moe
     bias_before = None if moe.route_bias is None else moe.route_bias.detach().clone()

@@ -677,14 +677,20 @@ def _turn_line(speaker: str, text: str) -> str | None:
     return f"{' '.join(speaker.split())}: {' '.join(words)}" if words else None
 
 
+def _turns(rec: _Record, key: str) -> Iterator[tuple[str, dict]]:
+    """``(label, turn)`` for each object of the record's list field ``key``; anything else is a UserError."""
+    for k, turn in enumerate(_field(rec.data, key, rec.where, list, allow_empty=True)):
+        label = f"{key}[{k}]"
+        if not isinstance(turn, dict):
+            raise UserError(f"{rec.where}: field {label!r} must be a JSON object, got {_json_type(turn)}")
+        yield label, turn
+
+
 def _qmsum_transcript(rec: _Record) -> tuple[str, list[str]]:
     where = rec.where
     meeting = _field(rec.data, "meeting_id", where, str).strip()
     lines = []
-    for k, turn in enumerate(_field(rec.data, "meeting_transcripts", where, list, allow_empty=True)):
-        label = f"meeting_transcripts[{k}]"
-        if not isinstance(turn, dict):
-            raise UserError(f"{where}: field {label!r} must be a JSON object, got {_json_type(turn)}")
+    for label, turn in _turns(rec, "meeting_transcripts"):
         speaker = _field(turn, "speaker", where, str, f"{label}.speaker")
         line = _turn_line(speaker, _field(turn, "content", where, str, f"{label}.content", allow_empty=True))
         if line is not None:
@@ -696,10 +702,7 @@ def _crd3_transcript(rec: _Record) -> tuple[str, list[str]]:
     where = rec.where
     episode = _field(rec.data, "episode", where, str).strip()
     lines = []
-    for k, turn in enumerate(_field(rec.data, "turns", where, list, allow_empty=True)):
-        label = f"turns[{k}]"
-        if not isinstance(turn, dict):
-            raise UserError(f"{where}: field {label!r} must be a JSON object, got {_json_type(turn)}")
+    for label, turn in _turns(rec, "turns"):
         names = _field(turn, "names", where, list, f"{label}.names")
         for m, name in enumerate(names):
             if not isinstance(name, str) or not name.strip():
