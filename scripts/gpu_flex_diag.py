@@ -43,9 +43,10 @@ for d in (1, 4):
     bm = block_mask_for(lay, w, L)
     rows.append((f"ours d={d} (permuted)", block_density(bm), cuda_time_ms(lambda: flex(q, k, v, block_mask=bm)),
                  cuda_time_ms(fb(lambda: flex(q, k, v, block_mask=bm)))))
-    rows.append((f"ours d={d}, global copies", float("nan"),
-                 cuda_time_ms(lambda: flex_attention(q, k, v, lay, w, global_copies=True)),
-                 cuda_time_ms(fb(lambda: flex_attention(q, k, v, lay, w, global_copies=True)))))
+    for schedule in ("copies", "split"):
+        rows.append((f"ours d={d}, globals {schedule}", float("nan"),
+                     cuda_time_ms(lambda: flex_attention(q, k, v, lay, w, schedule=schedule)),
+                     cuda_time_ms(fb(lambda: flex_attention(q, k, v, lay, w, schedule=schedule)))))
 if "--autotune" in sys.argv:  # the same kernels with Inductor's block-size / warp / stage search
     from torch.nn.attention.flex_attention import flex_attention as raw_flex
 

@@ -81,6 +81,13 @@ def test_bench_attention_needs_cuda(tmp_path, capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_bench_attention_rejects_unknown_schedules(tmp_path, capsys):
+    with pytest.raises(UserError, match="unknown global-token schedule"):
+        bench.bench_attention([128], out_dir=tmp_path, schedules=("inline", "diagonal"))
+    assert main(["bench", "attention", "--schedules", "split,foo", "--out", str(tmp_path)]) == 2
+    assert "'foo'" in capsys.readouterr().err
+
+
 def test_bench_sample_end_to_end(tmp_path, capsys, monkeypatch):
     import sadiffuseq.generate
     from sadiffuseq.train import train

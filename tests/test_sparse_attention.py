@@ -45,11 +45,11 @@ def _qkv(L, heads, device, dtype=torch.float32, hd=8):
     return [torch.randn(2, heads, L, hd, generator=g, dtype=dtype).to(device).requires_grad_() for _ in range(3)]
 
 
-def _out_and_grads(case, backend, device="cpu", hd=8, copies=False):
+def _out_and_grads(case, backend, device="cpu", hd=8, schedule="inline"):
     """Output and q/k/v gradients of one backend on the case's fixed inputs (a fixed linear loss)."""
     L, heads, window, dilations, first, every, packed = case
     layer = _layer(L, heads, window, dilations, first, every, backend, hd=hd).to(device)
-    layer.global_copies = copies
+    layer.global_schedule = schedule
     q, k, v = _qkv(L, heads, device, hd=hd)
     out = layer.attend(q, k, v, _docs(L, 2, packed, device))
     (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
@@ -81,24 +81,27 @@ def test_banded_matches_dense_outputs_and_gradients(case):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("schedule", ["inline", "split"])
 @pytest.mark.parametrize("case", CASES[:3])
-def test_flex_forward_on_cpu_matches_dense(case):
+def test_flex_forward_on_cpu_matches_dense(case, schedule):
     L, heads, window, dilations, first, every, packed = case
     docs = _docs(L, 2, packed, "cpu")
     with torch.no_grad():
         q, k, v = (t.detach() for t in _qkv(L, heads, "cpu"))
         ref = _layer(L, heads, window, dilations, first, every, "dense").attend(q, k, v, docs)
-        out = _layer(L, heads, window, dilations, first, every, "flex").attend(q, k, v, docs)
+        layer = _layer(L, heads, window, dilations, first, every, "flex")
+        layer.global_schedule = schedule
+        out = layer.attend(q, k, v, docs)
     assert torch.allclose(out, ref, atol=2e-5)
 
 
 @pytest.mark.skipif(not CUDA, reason="FlexAttention backward needs a CUDA GPU")
-@pytest.mark.parametrize("copies", [False, True])
+@pytest.mark.parametrize("schedule", ["inline", "copies", "split"])
 @pytest.mark.parametrize("case", CASES + [(4500, 4, 256, [1, 1, 4, 4], 16, 0, True)])
-def test_flex_matches_dense_on_gpu(case, copies):
+def test_flex_matches_dense_on_gpu(case, schedule):
     # the fused FlexAttention kernel needs heads of width >= 16
     ref = _out_and_grads(case, "dense", "cuda", hd=16)
-    for a, b in zip(ref, _out_and_grads(case, "flex", "cuda", hd=16, copies=copies)):
+    for a, b in zip(ref, _out_and_grads(case, "flex", "cuda", hd=16, schedule=schedule)):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), (a - b).abs().max()
 
 
@@ -150,26 +153,53 @@ def test_sparse_denoiser_equals_dense_denoiser_when_the_window_covers_everything
     assert torch.allclose(dense(x, t), sparse(x, t), atol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_flex_with_global_copies_matches_dense_including_gradients(case, monkeypatch):
-    """The global-copies schedule (extended keys + separate global rows) computes the same function.
+def _dense_flex(q, k, v, block_mask, return_lse=False):
+    """FlexAttention's math with autograd: softmax over the BlockMask's own mask_mod, materialised densely.
+    Rows without keys (global query rows under the copies and split schedules) give 0 and lse = -inf, as in
+    FlexAttention."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    qi = torch.arange(Lq)[:, None]
+    ki = torch.arange(Lk)[None, :]
+    mask = torch.stack([block_mask.mask_mod(torch.tensor(b), torch.tensor(0), qi, ki) for b in range(q.shape[0])])
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    empty = ~mask.any(-1)[:, None, :, None]
+    out = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0) @ v
+    return (out, scores.logsumexp(-1)) if return_lse else out
 
-    On the CPU, FlexAttention has no backward, so the kernel is replaced by SDPA over the BlockMask's own
-    mask_mod materialised densely: this checks everything around the kernel (key copies, gradient summation
-    over copies, global rows, documents) forward and backward.
+
+@pytest.mark.parametrize("schedule", ["copies", "split"])
+@pytest.mark.parametrize("case", CASES)
+def test_flex_global_schedules_match_dense_including_gradients(case, schedule, monkeypatch):
+    """The copies schedule (extended keys + separate global rows) and the split schedule (band kernel merged with
+    the global keys by log-sum-exp + separate global rows) compute the same function as the pattern.
+
+    On the CPU, FlexAttention has no backward, so the kernel is replaced by the same math over the BlockMask's
+    own mask_mod with autograd: this checks everything around the kernel (key copies and the summation of their
+    gradients, the band-only mask, the log-sum-exp merge, global rows, documents) forward and backward.
     """
     from sadiffuseq.attention import backends
 
-    def dense_flex(q, k, v, block_mask):
-        Lq, Lk = q.shape[2], k.shape[2]
-        qi = torch.arange(Lq)[:, None]
-        ki = torch.arange(Lk)[None, :]
-        batch = q.shape[0]
-        mask = torch.stack([block_mask.mask_mod(torch.tensor(b), torch.tensor(0), qi, ki) for b in range(batch)])
-        empty = ~mask.any(-1, keepdim=True)  # global query rows have no keys here (their output is replaced)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(mask | empty)[:, None])
-        return out.masked_fill(empty[:, None], 0.0)
-
-    monkeypatch.setattr(backends, "_flex", dense_flex)
-    for a, b in zip(_out_and_grads(case, "dense"), _out_and_grads(case, "flex", copies=True)):
+    monkeypatch.setattr(backends, "_flex", _dense_flex)
+    for a, b in zip(_out_and_grads(case, "dense"), _out_and_grads(case, "flex", schedule=schedule)):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_split_merge_is_exact_when_all_global_keys_are_in_other_documents():
+    """A row whose global keys all lie in another document gives them weight 0 (not NaN): the merge returns the
+    band output unchanged and its gradient stays finite."""
+    from sadiffuseq.attention.backends import _merge_by_lse
+
+    out_b = torch.randn(1, 1, 3, 4, requires_grad=True)
+    lse_b = torch.randn(1, 1, 3)
+    scores = torch.full((1, 1, 3, 2), float("-inf"))
+    scores[0, 0, 0] = torch.tensor([0.5, -1.0])  # row 0 sees two global keys, rows 1 and 2 none
+    v_g = torch.randn(1, 1, 2, 4)
+    merged = _merge_by_lse(out_b, lse_b, scores, v_g)
+    assert torch.equal(merged[0, 0, 1:], out_b[0, 0, 1:])
+    # row 0 by hand: weights e^{lse_b}, e^{0.5}, e^{-1}
+    w = torch.cat([lse_b[0, 0, :1], torch.tensor([0.5, -1.0])]).softmax(0)
+    expect = w[0] * out_b[0, 0, 0] + w[1] * v_g[0, 0, 0] + w[2] * v_g[0, 0, 1]
+    assert torch.allclose(merged[0, 0, 0], expect, atol=1e-6)
+    merged.sum().backward()
+    assert torch.isfinite(out_b.grad).all()

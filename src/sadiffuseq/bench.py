@@ -1,9 +1,10 @@
 """``sadiffuseq bench``: side-by-side GPU timings, written as CSV and PNG.
 
 * ``bench attention`` — forward+backward of the attention core (after the projections) for dense SDPA
-  (FlashAttention), our sparse pattern (permuted FlexAttention, with the global tokens inline and as private key
-  copies), and optionally the *naive* FlexAttention of the same pattern (dilated mask in the original order). Reports block density (fraction of 128×128 tiles visited),
-  the ideal time density × dense, efficiency = ideal / sparse and the speed-up over dense.
+  (FlashAttention), our sparse pattern (permuted FlexAttention under each global-token schedule: inline, copies,
+  split), and optionally the *naive* FlexAttention of the same pattern (dilated mask in the original order).
+  Reports block density (fraction of 128×128 tiles of the pattern visited), the ideal time density × dense,
+  efficiency = ideal / sparse and the speed-up over dense, for the default schedule and for each one.
 * ``bench model`` — one full training step (forward, backward, AdamW) of the denoiser with dense attention and
   with sparse attention, same sizes, same data, one process.
 * ``bench moe`` — forward+backward of one MoE feed-forward layer against the dense FFN of the same active FLOPs,
@@ -26,7 +27,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sadiffuseq.attention import patterns
-from sadiffuseq.attention.backends import _compiled_create_block_mask, _compiled_flex, block_density, block_mask_for
+from sadiffuseq.attention.backends import (
+    GLOBAL_SCHEDULES,
+    _compiled_create_block_mask,
+    _compiled_flex,
+    block_density,
+    block_mask_for,
+)
 from sadiffuseq.attention.layer import SparseSelfAttention
 from sadiffuseq.config import Config, ModelConfig
 from sadiffuseq.errors import UserError
@@ -96,11 +103,18 @@ def naive_flex(cfg: ModelConfig, length: int, device):
 
 def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, window: int = 256,
                     dilated_heads: int = 8, dilation: int = 4, n_global: int = 16, batch: int = 1,
-                    naive: bool = True, reps: int = 10, out_dir: str | Path = "bench_out") -> list[dict]:
+                    naive: bool = True, reps: int = 10, out_dir: str | Path = "bench_out",
+                    schedules: tuple[str, ...] = GLOBAL_SCHEDULES) -> list[dict]:
+    """Dense SDPA vs the sparse pattern (fwd+bwd, bf16) per length. The ``sparse_*`` columns are the default
+    global-token schedule (``model.flex_globals``), always timed; ``<schedule>_ms`` columns are every schedule."""
+    bad = [s for s in schedules if s not in GLOBAL_SCHEDULES]
+    if bad:
+        raise UserError(f"unknown global-token schedule(s) {bad}; choose from {', '.join(GLOBAL_SCHEDULES)}")
+    cfg = pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global, backend="flex")
+    schedules = tuple(dict.fromkeys([cfg.flex_globals, *schedules]))
     if not torch.cuda.is_available():
         raise UserError("bench attention measures GPU kernels (FlexAttention, FlashAttention): it needs a CUDA GPU")
     device = torch.device("cuda")
-    cfg = pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global, backend="flex")
     layer = SparseSelfAttention(cfg).to(device)
     rows = []
     for L in tqdm(lengths, desc="lengths"):
@@ -110,17 +124,22 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         grad = torch.randn(batch, heads, L, head_dim, device=device, dtype=torch.bfloat16)
         dense_ms = cuda_time_ms(_fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v, grad),
                                 reps=reps)
-        sparse_ms = cuda_time_ms(_fwd_bwd(layer.attend, q, k, v, grad), reps=reps)
-        layer.global_copies = True  # the same pattern with the global tokens scheduled as private key copies
-        copies_ms = cuda_time_ms(_fwd_bwd(layer.attend, q, k, v, grad), reps=reps)
-        layer.global_copies = False
+        # the same pattern under each global-token schedule (attention/backends.py); the configured one is "sparse"
+        schedule_ms = {}
+        for schedule in schedules:
+            layer.global_schedule = schedule
+            schedule_ms[schedule] = cuda_time_ms(_fwd_bwd(layer.attend, q, k, v, grad), reps=reps)
+        layer.global_schedule = cfg.flex_globals
+        sparse_ms = schedule_ms[cfg.flex_globals]
         density = 0.0
         for d, group in layer.groups:
             layout = patterns.cached_layout(L, cfg.global_first, cfg.global_every, d, device)
             density += block_density(block_mask_for(layout, cfg.window, L)) * len(group) / heads
         row = {"length": L, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "density": density,
                "ideal_ms": density * dense_ms, "efficiency": density * dense_ms / sparse_ms,
-               "speedup": dense_ms / sparse_ms, "copies_ms": copies_ms, "copies_speedup": dense_ms / copies_ms}
+               "speedup": dense_ms / sparse_ms, "schedule": cfg.flex_globals}
+        for schedule, ms in schedule_ms.items():
+            row[f"{schedule}_ms"], row[f"{schedule}_speedup"] = ms, dense_ms / ms
         if naive:
             attend, naive_density = naive_flex(cfg, L, device)
             row["naive_ms"] = cuda_time_ms(_fwd_bwd(attend, q, k, v, grad), reps=reps)
@@ -453,8 +472,10 @@ def _plot_attention(rows: list[dict], path: Path, cfg: ModelConfig) -> None:
     L = [r["length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     ax.loglog(L, [r["dense_ms"] for r in rows], "o-", label="dense SDPA (FlashAttention)")
-    ax.loglog(L, [r["sparse_ms"] for r in rows], "s-", label="sparse (permuted FlexAttention)")
-    ax.loglog(L, [r["copies_ms"] for r in rows], "d-", label="sparse, global-key copies")
+    schedules = [s for s in GLOBAL_SCHEDULES if f"{s}_ms" in rows[0]]
+    for schedule, marker in zip(schedules, "sdv"):
+        ax.loglog(L, [r[f"{schedule}_ms"] for r in rows], marker + "-",
+                  label=f"sparse, globals {schedule}" + (" (default)" if schedule == cfg.flex_globals else ""))
     ax.loglog(L, [r["ideal_ms"] for r in rows], ":", color="gray", label="ideal = density × dense")
     if "naive_ms" in rows[0]:
         ax.loglog(L, [r["naive_ms"] for r in rows], "^--", label="naive FlexAttention mask")

@@ -199,7 +199,8 @@ def cmd_bench(args, extra, parser) -> None:
         if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         rows = bench.bench_attention(lengths, args.heads, args.head_dim, args.window, args.dilated_heads,
-                                     args.dilation, args.globals, args.batch, not args.no_naive, args.reps, args.out)
+                                     args.dilation, args.globals, args.batch, not args.no_naive, args.reps, args.out,
+                                     tuple(s.strip() for s in args.schedules.split(",") if s.strip()))
         print(bench.format_rows(rows))
         print(f"written {args.out}/attention.csv and {args.out}/attention.png")
     elif args.what == "moe":
@@ -330,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="timings: sparse vs dense attention, training steps, MoE vs dense FFN, samplers' speed vs quality",
         formatter_class=fmt,
-        description="attention: forward+backward (bf16) of dense SDPA, our sparse pattern and the naive FlexAttention "
-        "mask, with block density, ideal time (density × dense), efficiency (ideal / sparse) and speed-up; CSV + "
+        description="attention: forward+backward (bf16) of dense SDPA, our sparse pattern (under each global-token "
+        "schedule: inline, copies, split) and the naive FlexAttention mask, with block density, ideal time (density × dense), efficiency (ideal / sparse) and speed-up; CSV + "
         "log-log PNG (CUDA only). model: one training step (forward, backward, AdamW) of the model with dense and with "
         "sparse attention, side by side (model sizes and the sparse pattern come from --config and overrides; CUDA "
         "only).\n\n"
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
     p.add_argument("--no-naive", action="store_true", help="attention: skip the naive FlexAttention variant")
+    p.add_argument("--schedules", default="inline,copies,split",
+                   help="attention: global-token schedules to time (default inline,copies,split; the default "
+                   "schedule, model.flex_globals, is always timed)")
     p.add_argument("--vocab", type=int, default=16000, help="model: vocabulary size (default 16000)")
     p.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
                    help="model: compile the blocks of both models (Denoiser.compile_blocks); moe: compile both layers; "

@@ -75,16 +75,18 @@ def _compiled_create_block_mask():
 _BLOCK_MASKS: dict[tuple, object] = {}
 
 
-def block_mask_for(layout: Layout, window: int, length: int, doc_ids=None):
-    """The BlockMask of a head group on the permuted sequence (cached unless documents make it batch-specific)."""
+def block_mask_for(layout: Layout, window: int, length: int, doc_ids=None, band_only: bool = False):
+    """The BlockMask of a head group on the permuted sequence (cached unless documents make it batch-specific).
+
+    ``band_only``: the window/dilated band without the global rows and columns (the ``split`` schedule)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     device = layout.perm.device
-    mod = patterns.layout_mask_mod(layout, window, doc_ids)
+    mod = patterns.layout_mask_mod(layout, window, doc_ids, with_globals=not band_only)
     make = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
     if doc_ids is not None:
         return make(mod, doc_ids.shape[0], None, length, length, device=device)
-    key = (length, window, layout.dilation, layout.n_global, tuple(layout.class_starts), str(device))
+    key = (length, window, layout.dilation, layout.n_global, tuple(layout.class_starts), band_only, str(device))
     if key not in _BLOCK_MASKS:
         if len(_BLOCK_MASKS) > 64:
             _BLOCK_MASKS.clear()
@@ -92,31 +94,88 @@ def block_mask_for(layout: Layout, window: int, length: int, doc_ids=None):
     return _BLOCK_MASKS[key]
 
 
-def flex_attention(q, k, v, layout: Layout, window: int, doc_ids=None, global_copies: bool = False) -> torch.Tensor:
+GLOBAL_SCHEDULES = ("inline", "copies", "split")
+
+
+def flex_attention(q, k, v, layout: Layout, window: int, doc_ids=None, schedule: str = "inline") -> torch.Tensor:
     """On permuted q, k, v; returns the permuted output.
 
-    ``global_copies`` changes how the global tokens are scheduled, not what is computed. Inline (default), the
-    global query row makes one tile row span every key block and the global key column one tile column span
-    every query block, so a few thread blocks walk the whole sequence while the rest visit a handful of tiles
-    (measured on an H100 at 32k tokens: 2.66 ms fwd+bwd for 8 heads vs 0.95 ms for the window alone). With copies,
-    the G global query rows are one (G × L) matmul and every query block reads a private copy of the G global
-    keys (their gradients are summed back by autograd), which keeps the grid balanced at the price of L/128·G
-    extra keys.
+    ``schedule`` changes how the global tokens are scheduled, not what is computed:
+
+    * ``inline``: the global rows and columns are part of the BlockMask. The global query row makes one tile row
+      span every key block and the global key column one tile column span every query block, so in forward and
+      backward a few thread blocks walk the whole sequence while the rest visit a handful of tiles (measured on an
+      H100 at 32k tokens: 2.66 ms fwd+bwd for 8 heads vs 0.95 ms for the window alone).
+    * ``copies``: the G global query rows are one (G × L) matmul and every query block reads a private copy of the
+      G global keys (their gradients are summed back by autograd): a balanced grid for L/128·G extra keys.
+    * ``split``: the kernel sees the band only (no global rows, no global columns) and returns its log-sum-exp;
+      the G global keys are a (L × G) matmul and the two partial softmaxes are merged exactly by their
+      log-sum-exps (the same algebra as split-K / flash-decoding); the global rows are a (G × L) matmul.
+      No tile walks the sequence and no key is duplicated.
     """
-    if not global_copies or layout.n_global == 0:
+    if layout.n_global == 0 or schedule == "inline":
         return _flex(q, k, v, block_mask_for(layout, window, q.shape[2], doc_ids))
+    if schedule == "split":
+        band_mask = block_mask_for(layout, window, q.shape[2], doc_ids, band_only=True)
+        return split_global_attention(q, k, v, layout, doc_ids, lambda: _flex(q, k, v, band_mask, return_lse=True))
+    if schedule != "copies":
+        raise ValueError(f"unknown global-token schedule {schedule!r}; choose from {GLOBAL_SCHEDULES}")
     G, L = layout.n_global, q.shape[2]
     block_mask, extended = _copies_block_mask(layout, window, doc_ids)
     n_copies = (extended - L) // G
     k_ext = torch.cat([k, k[:, :, :G].repeat(1, 1, n_copies, 1)], dim=2)
     v_ext = torch.cat([v, v[:, :, :G].repeat(1, 1, n_copies, 1)], dim=2)
     rest = _flex(q, k_ext, v_ext, block_mask)[:, :, G:]
+    return torch.cat([_global_rows(q, k, v, layout, doc_ids), rest], dim=2)
+
+
+def _global_rows(q, k, v, layout: Layout, doc_ids=None) -> torch.Tensor:
+    """The G global query rows (permuted indices [0, G)) attend to every key of their document: one matmul."""
+    G = layout.n_global
     scores = (q[:, :, :G] @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     if doc_ids is not None:
         docs = doc_ids[:, layout.perm]
         scores = scores.masked_fill((docs[:, :G, None] != docs[:, None, :])[:, None], float("-inf"))
-    rows = torch.softmax(scores, dim=-1).to(v.dtype) @ v
-    return torch.cat([rows, rest], dim=2)
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
+def split_global_attention(q, k, v, layout: Layout, doc_ids, band) -> torch.Tensor:
+    """Merge the band attention with the global keys by log-sum-exp; the global rows separately.
+
+    ``band()`` returns ``(out, lse)`` of the band pattern alone (global rows and columns excluded, natural-log
+    lse). For a non-global query i with band keys B and global keys (of its document) K_g:
+
+        out_i = (e^{lse_b - m} · out_b + Σ_{j∈K_g} e^{s_ij - m} v_j) / (e^{lse_b - m} + Σ_{j∈K_g} e^{s_ij - m})
+
+    with any m (we take the row maximum, detached: it cancels). Every non-global query is in its own band, so
+    lse_b is finite and a row whose global keys all lie in other documents gets weight 0 on them, not NaN.
+    """
+    G = layout.n_global
+    out_b, lse_b = band()
+    out_b, lse_b = out_b[:, :, G:], lse_b[:, :, G:].float()
+    q_rest = q[:, :, G:]
+    scores = (q_rest @ k[:, :, :G].transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, L - G, G)
+    if doc_ids is not None:
+        docs = doc_ids[:, layout.perm]
+        scores = scores.masked_fill((docs[:, G:, None] != docs[:, None, :G])[:, None], float("-inf"))
+    merge = _compiled_merge() if q.device.type == "cuda" else _merge_by_lse
+    rest = merge(out_b, lse_b, scores, v[:, :, :G])
+    return torch.cat([_global_rows(q, k, v, layout, doc_ids), rest], dim=2)
+
+
+@functools.cache
+def _compiled_merge():
+    """The merge is elementwise work on (B, H, L, hd) tensors plus an (L × G) matmul: fused into one kernel."""
+    _allow_recompiles()
+    return torch.compile(_merge_by_lse, dynamic=False)
+
+
+def _merge_by_lse(out_b, lse_b, scores, v_g):
+    m = torch.maximum(lse_b, scores.amax(-1)).detach()
+    w_b = torch.exp(lse_b - m)
+    w_g = torch.exp(scores - m[..., None])
+    num = w_b[..., None] * out_b.float() + w_g @ v_g.float()
+    return (num / (w_b + w_g.sum(-1))[..., None]).to(out_b.dtype)
 
 
 def _copies_block_mask(layout: Layout, window: int, doc_ids=None):
@@ -136,17 +195,23 @@ def _copies_block_mask(layout: Layout, window: int, doc_ids=None):
     return _BLOCK_MASKS[key], extended
 
 
-def _flex(q, k, v, block_mask):
-    """FlexAttention: compiled on CUDA, eager (forward only, used to test the mask logic) on the CPU."""
-    if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=block_mask)
+def _flex(q, k, v, block_mask, return_lse: bool = False):
+    """FlexAttention: compiled on CUDA, eager (forward only, used to test the mask logic) on the CPU.
+
+    ``return_lse``: also the natural-log log-sum-exp of every query row's scores (differentiable on CUDA)."""
     import warnings
 
+    from torch.nn.attention.flex_attention import AuxRequest
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return eager_flex(q, k, v, block_mask=block_mask)
+    aux = AuxRequest(lse=True) if return_lse else None
+    if q.device.type == "cuda":
+        result = _compiled_flex()(q, k, v, block_mask=block_mask, return_aux=aux)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            result = eager_flex(q, k, v, block_mask=block_mask, return_aux=aux)
+    return (result[0], result[1].lse) if return_lse else result
 
 
 def block_density(block_mask) -> float:
@@ -158,7 +223,7 @@ def block_density(block_mask) -> float:
 
 
 def run_group(backend: str, q, k, v, layout: Layout, window: int, is_global: torch.Tensor, doc_ids=None,
-              global_copies: bool = False):
+              global_schedule: str = "inline"):
     """One head group, original order in and out; permutes around the kernels that need it."""
     if backend == "dense":
         return dense_attention(q, k, v, window, layout.dilation, is_global, doc_ids)
@@ -166,7 +231,7 @@ def run_group(backend: str, q, k, v, layout: Layout, window: int, is_global: tor
     if not identity:
         q, k, v = (t.index_select(2, layout.perm) for t in (q, k, v))
     if backend == "flex":
-        out = flex_attention(q, k, v, layout, window, doc_ids, global_copies)
+        out = flex_attention(q, k, v, layout, window, doc_ids, global_schedule)
     elif backend == "banded":
         from sadiffuseq.attention.banded import banded_attention
 

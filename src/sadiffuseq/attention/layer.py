@@ -29,7 +29,7 @@ class SparseSelfAttention(nn.Module):
         self.window = cfg.layer_windows[layer] if cfg.layer_windows else cfg.window
         self.global_first, self.global_every = cfg.global_first, cfg.global_every
         self.backend = cfg.attention_backend
-        self.global_copies = cfg.flex_global_copies
+        self.global_schedule = cfg.flex_globals
         dilations = cfg.dilations or [1] * cfg.n_heads
         # (dilation, head indices) groups; ``head_order`` restores the original head order after concatenation.
         self.groups = [(d, [h for h, dh in enumerate(dilations) if dh == d]) for d in sorted(set(dilations))]
@@ -66,7 +66,7 @@ class SparseSelfAttention(nn.Module):
                 idx = torch.tensor(heads, device=q.device)
                 qg, kg, vg = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
             layout = patterns.cached_layout(L, self.global_first, self.global_every, d, q.device)
-            outs.append(run_group(backend, qg, kg, vg, layout, self.window, is_global, doc_ids, self.global_copies))
+            outs.append(run_group(backend, qg, kg, vg, layout, self.window, is_global, doc_ids, self.global_schedule))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if not self.contiguous_groups:
             y = y.index_select(1, self.head_order)

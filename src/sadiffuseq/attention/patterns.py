@@ -145,8 +145,11 @@ def make_layout(is_global: torch.Tensor, dilation: int) -> Layout:
     return Layout(perm, inv, len(globals_), dilation, tuple(starts), identity)
 
 
-def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None):
+def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None, with_globals: bool = True):
     """The head pattern in *permuted* indices (for kernels that run on the permuted sequence).
+
+    ``with_globals=False`` leaves out the global rows and columns: the band alone, for kernels that handle the
+    global tokens separately.
 
     Written for the GPU kernel that evaluates it on every partially filled tile: int32 table lookups and
     comparisons only (64-bit division and modulo are slow on GPUs), and no lookups at all in the common
@@ -168,7 +171,10 @@ def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None)
     docs = None if doc_ids is None else doc_ids[:, layout.perm].to(torch.int32)
 
     def mask_mod(b, h, q, k):
-        out = local(q, k) | (q < n_global) | (k < n_global)
+        if with_globals:
+            out = local(q, k) | (q < n_global) | (k < n_global)
+        else:
+            out = local(q, k) & (q >= n_global) & (k >= n_global)
         if docs is not None:
             out = out & (docs[b, q] == docs[b, k])
         return out
