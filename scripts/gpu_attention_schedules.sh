@@ -22,6 +22,8 @@ case "$PART" in
     stamp "split schedule on the GPU: output and gradients against dense"
     python3 -m pytest -q -p no:cacheprovider tests/test_sparse_attention.py -k "gpu and split and (case1 or case5)" \
         2>&1 | tail -2 | tee "$work/tests.txt"
+    stamp "where the split schedule's time goes (8k)"
+    timeout 150 python3 scripts/gpu_split_diag.py 8192 2>&1 | grep -v -i warn | tail -34 | tee "$work/split_diag.txt"
     stamp "bench attention"
     python3 -m sadiffuseq bench attention --lengths ${LENGTHS:-8192,32768,131072} --no-naive \
         --schedules ${SCHEDULES:-inline,split} --out "$work" 2>&1 | tail -6 ;;

@@ -185,21 +185,21 @@ def test_flex_global_schedules_match_dense_including_gradients(case, schedule, m
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_split_merge_is_exact_when_all_global_keys_are_in_other_documents():
-    """A row whose global keys all lie in another document gives them weight 0 (not NaN): the merge returns the
-    band output unchanged and its gradient stays finite."""
-    from sadiffuseq.attention.backends import _merge_by_lse
+def test_split_epilogue_by_hand_with_documents():
+    """Four positions, one global token (position 0), documents [0, 0, 1, 1], chunks of 2 positions. Rows 2 and 3
+    see no global key (it is in another document): the merge must return their band output unchanged, not NaN.
+    Row 1 mixes its band with global key 0; the global row 0 attends to keys 0 and 1."""
+    from sadiffuseq.attention.backends import split_epilogue
 
-    out_b = torch.randn(1, 1, 3, 4, requires_grad=True)
-    lse_b = torch.randn(1, 1, 3)
-    scores = torch.full((1, 1, 3, 2), float("-inf"))
-    scores[0, 0, 0] = torch.tensor([0.5, -1.0])  # row 0 sees two global keys, rows 1 and 2 none
-    v_g = torch.randn(1, 1, 2, 4)
-    merged = _merge_by_lse(out_b, lse_b, scores, v_g)
-    assert torch.equal(merged[0, 0, 1:], out_b[0, 0, 1:])
-    # row 0 by hand: weights e^{lse_b}, e^{0.5}, e^{-1}
-    w = torch.cat([lse_b[0, 0, :1], torch.tensor([0.5, -1.0])]).softmax(0)
-    expect = w[0] * out_b[0, 0, 0] + w[1] * v_g[0, 0, 0] + w[2] * v_g[0, 0, 1]
-    assert torch.allclose(merged[0, 0, 0], expect, atol=1e-6)
-    merged.sum().backward()
-    assert torch.isfinite(out_b.grad).all()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 2, generator=g).requires_grad_() for _ in range(3))
+    out_b, lse_b = torch.randn(1, 1, 4, 2, generator=g).requires_grad_(), torch.randn(1, 1, 4, generator=g)
+    out = split_epilogue(q, k, v, out_b, lse_b, 1, docs=torch.tensor([[0, 0, 1, 1]]), chunk=2)[0, 0]
+    assert torch.equal(out[2:], out_b[0, 0, 2:])
+    s10 = float(q[0, 0, 1].detach() @ k[0, 0, 0].detach()) / 2 ** 0.5
+    w = torch.tensor([float(lse_b[0, 0, 1]), s10]).softmax(0)
+    assert torch.allclose(out[1], w[0] * out_b[0, 0, 1] + w[1] * v[0, 0, 0], atol=1e-6)
+    p = (k[0, 0, :2] @ q[0, 0, 0] / 2 ** 0.5).softmax(0)
+    assert torch.allclose(out[0], p @ v[0, 0, :2], atol=1e-6)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, out_b))

@@ -140,42 +140,71 @@ def _global_rows(q, k, v, layout: Layout, doc_ids=None) -> torch.Tensor:
 
 
 def split_global_attention(q, k, v, layout: Layout, doc_ids, band) -> torch.Tensor:
-    """Merge the band attention with the global keys by log-sum-exp; the global rows separately.
-
-    ``band()`` returns ``(out, lse)`` of the band pattern alone (global rows and columns excluded, natural-log
-    lse). For a non-global query i with band keys B and global keys (of its document) K_g:
-
-        out_i = (e^{lse_b - m} · out_b + Σ_{j∈K_g} e^{s_ij - m} v_j) / (e^{lse_b - m} + Σ_{j∈K_g} e^{s_ij - m})
-
-    with any m (we take the row maximum, detached: it cancels). Every non-global query is in its own band, so
-    lse_b is finite and a row whose global keys all lie in other documents gets weight 0 on them, not NaN.
-    """
-    G = layout.n_global
+    """The ``split`` schedule around its band kernel: ``band()`` returns ``(out, lse)`` of the band pattern alone
+    (global rows and columns excluded, natural-log lse). Everything after the kernel is one compiled region on
+    CUDA (see :func:`split_epilogue`)."""
     out_b, lse_b = band()
-    out_b, lse_b = out_b[:, :, G:], lse_b[:, :, G:].float()
-    q_rest = q[:, :, G:]
-    scores = (q_rest @ k[:, :, :G].transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, L - G, G)
-    if doc_ids is not None:
-        docs = doc_ids[:, layout.perm]
-        scores = scores.masked_fill((docs[:, G:, None] != docs[:, None, :G])[:, None], float("-inf"))
-    merge = _compiled_merge() if q.device.type == "cuda" else _merge_by_lse
-    rest = merge(out_b, lse_b, scores, v[:, :, :G])
-    return torch.cat([_global_rows(q, k, v, layout, doc_ids), rest], dim=2)
+    docs = None if doc_ids is None else doc_ids[:, layout.perm]
+    epilogue = _compiled_split_epilogue() if q.device.type == "cuda" else split_epilogue
+    return epilogue(q, k, v, out_b, lse_b, layout.n_global, docs)
+
+
+def _chunked(x: torch.Tensor, chunk: int, value: float = 0.0) -> torch.Tensor:
+    """(B, H, L, ...) -> (B, H, C, chunk, ...), padding L to a multiple of ``chunk`` with ``value``."""
+    pad = -x.shape[2] % chunk
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad), value=value)
+    return x.view(*x.shape[:2], -1, chunk, *x.shape[3:])
+
+
+def split_epilogue(q, k, v, out_b, lse_b, n_global: int, docs=None, chunk: int = 256) -> torch.Tensor:
+    """Merge the band output with the G global keys by log-sum-exp; compute the G global rows over all keys.
+
+    For a query i with band output ``out_b`` (log-sum-exp ``lse_b``) and global keys j < G of its document:
+
+        out_i = (e^{lse_b - m} · out_b + Σ_j e^{s_ij - m} v_j) / (e^{lse_b - m} + Σ_j e^{s_ij - m})
+
+    with any m (the row maximum, detached: it cancels) — the algebra of split-K / flash-decoding. Every
+    non-global query is in its own band, so lse_b is finite and a row whose global keys all lie in other
+    documents gives them weight 0, not NaN. The global rows (permuted indices < G) attend to every key of their
+    document and replace those rows.
+
+    Why chunks: the products that reduce over the sequence — the global keys' and values' gradients (G × L by
+    L × hd) and the global rows' softmax times values — are skinny matrices with a long inner dimension, which
+    one GEMM tile walks end to end. Cut into chunks of ``chunk`` positions they become a batch of short GEMMs
+    summed afterwards (split-K), which fills the GPU.
+    """
+    B, H, L, D = q.shape
+    G, scale = n_global, D ** -0.5
+    k_g, v_g = k[:, :, :G], v[:, :, :G]
+    # every query against the global keys: (B, H, C, chunk, G)
+    s = (_chunked(q, chunk) @ k_g.transpose(-1, -2)[:, :, None]).float() * scale
+    if docs is not None:
+        q_docs = _chunked(docs[:, None, :, None], chunk, value=-1)  # (B, 1, C, chunk, 1); padded rows: no document
+        s = s.masked_fill(q_docs != docs[:, None, None, None, :G], float("-inf"))
+    lse_b = _chunked(lse_b.float()[..., None], chunk)[..., 0]  # padded rows: 0, so every row's m is finite
+    m = torch.maximum(lse_b, s.amax(-1)).detach()
+    w_b = torch.exp(lse_b - m)
+    w_g = torch.exp(s - m[..., None])
+    num = w_b[..., None] * _chunked(out_b, chunk).float() + (w_g.to(v.dtype) @ v_g[:, :, None]).float()
+    merged = (num / (w_b + w_g.sum(-1))[..., None]).to(out_b.dtype).flatten(2, 3)
+    # the global query rows against every key: (B, H, C, G, chunk), one softmax over all chunks
+    k_c, v_c = _chunked(k, chunk), _chunked(v, chunk)
+    r = (q[:, :, None, :G] @ k_c.transpose(-1, -2)).float() * scale
+    no_docs = torch.zeros(B, L, dtype=torch.long, device=q.device)
+    key_docs = _chunked((no_docs if docs is None else docs)[:, None], chunk, value=-1)  # padded keys: no document
+    row_docs = (no_docs if docs is None else docs)[:, :G]
+    r = r.masked_fill(key_docs[:, :, :, None, :] != row_docs[:, None, None, :, None], float("-inf"))
+    r = torch.exp(r - r.amax(dim=(2, 4), keepdim=True))
+    rows = (r.to(v.dtype) @ v_c).float().sum(2) / r.sum(dim=(2, 4))[..., None]
+    return torch.cat([rows.to(out_b.dtype), merged[:, :, G:L]], dim=2)
 
 
 @functools.cache
-def _compiled_merge():
-    """The merge is elementwise work on (B, H, L, hd) tensors plus an (L × G) matmul: fused into one kernel."""
+def _compiled_split_epilogue():
+    """One compiled region for the epilogue: the slices, pads, casts and exponentials fuse around the GEMMs."""
     _allow_recompiles()
-    return torch.compile(_merge_by_lse, dynamic=False)
-
-
-def _merge_by_lse(out_b, lse_b, scores, v_g):
-    m = torch.maximum(lse_b, scores.amax(-1)).detach()
-    w_b = torch.exp(lse_b - m)
-    w_g = torch.exp(scores - m[..., None])
-    num = w_b[..., None] * out_b.float() + w_g @ v_g.float()
-    return (num / (w_b + w_g.sum(-1))[..., None]).to(out_b.dtype)
+    return torch.compile(split_epilogue, dynamic=False)
 
 
 def _copies_block_mask(layout: Layout, window: int, doc_ids=None):
