@@ -1,7 +1,7 @@
 """Where does the time of the ``split`` global-token schedule go? One group of 8 heads (dilation 1), 16 globals.
 
 Times forward+backward of: the inline kernel, the band-only kernel (with and without its log-sum-exp, and with a
-gradient through it), the whole split schedule with the eager and the compiled merge; then a profiler table of
+gradient through it), the whole split schedule with the eager and the compiled epilogue; then a profiler table of
 the split schedule's CUDA kernels.
 Usage: python3 scripts/gpu_split_diag.py [LENGTH]
 """
