@@ -203,3 +203,13 @@ def test_split_epilogue_by_hand_with_documents():
     assert torch.allclose(out[0], p @ v[0, 0, :2], atol=1e-6)
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, out_b))
+
+
+def test_auto_schedule_switches_to_split_for_long_sequences():
+    from sadiffuseq.attention.backends import SPLIT_FROM_LENGTH, resolve_schedule
+
+    assert resolve_schedule("auto", SPLIT_FROM_LENGTH - 1) == "inline"
+    assert resolve_schedule("auto", SPLIT_FROM_LENGTH) == "split"
+    assert resolve_schedule("copies", 10) == "copies"
+    with pytest.raises(ValueError, match="unknown global-token schedule"):
+        resolve_schedule("diagonal", 10)

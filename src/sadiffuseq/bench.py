@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from sadiffuseq.attention import patterns
 from sadiffuseq.attention.backends import (
     GLOBAL_SCHEDULES,
+    resolve_schedule,
     _compiled_create_block_mask,
     _compiled_flex,
     block_density,
@@ -106,12 +107,12 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
                     naive: bool = True, reps: int = 10, out_dir: str | Path = "bench_out",
                     schedules: tuple[str, ...] = GLOBAL_SCHEDULES) -> list[dict]:
     """Dense SDPA vs the sparse pattern (fwd+bwd, bf16) per length. The ``sparse_*`` columns are the default
-    global-token schedule (``model.flex_globals``), always timed; ``<schedule>_ms`` columns are every schedule."""
+    global-token schedule (``model.flex_globals``, resolved per length), always timed; ``<schedule>_ms`` columns
+    are every timed schedule."""
     bad = [s for s in schedules if s not in GLOBAL_SCHEDULES]
     if bad:
         raise UserError(f"unknown global-token schedule(s) {bad}; choose from {', '.join(GLOBAL_SCHEDULES)}")
     cfg = pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global, backend="flex")
-    schedules = tuple(dict.fromkeys([cfg.flex_globals, *schedules]))
     if not torch.cuda.is_available():
         raise UserError("bench attention measures GPU kernels (FlexAttention, FlashAttention): it needs a CUDA GPU")
     device = torch.device("cuda")
@@ -125,19 +126,20 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         dense_ms = cuda_time_ms(_fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v, grad),
                                 reps=reps)
         # the same pattern under each global-token schedule (attention/backends.py); the configured one is "sparse"
+        default = resolve_schedule(cfg.flex_globals, L)
         schedule_ms = {}
-        for schedule in schedules:
+        for schedule in dict.fromkeys([default, *schedules]):
             layer.global_schedule = schedule
             schedule_ms[schedule] = cuda_time_ms(_fwd_bwd(layer.attend, q, k, v, grad), reps=reps)
         layer.global_schedule = cfg.flex_globals
-        sparse_ms = schedule_ms[cfg.flex_globals]
+        sparse_ms = schedule_ms[default]
         density = 0.0
         for d, group in layer.groups:
             layout = patterns.cached_layout(L, cfg.global_first, cfg.global_every, d, device)
             density += block_density(block_mask_for(layout, cfg.window, L)) * len(group) / heads
         row = {"length": L, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "density": density,
                "ideal_ms": density * dense_ms, "efficiency": density * dense_ms / sparse_ms,
-               "speedup": dense_ms / sparse_ms, "schedule": cfg.flex_globals}
+               "speedup": dense_ms / sparse_ms, "schedule": default}
         for schedule, ms in schedule_ms.items():
             row[f"{schedule}_ms"], row[f"{schedule}_speedup"] = ms, dense_ms / ms
         if naive:
@@ -472,10 +474,10 @@ def _plot_attention(rows: list[dict], path: Path, cfg: ModelConfig) -> None:
     L = [r["length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     ax.loglog(L, [r["dense_ms"] for r in rows], "o-", label="dense SDPA (FlashAttention)")
-    schedules = [s for s in GLOBAL_SCHEDULES if f"{s}_ms" in rows[0]]
+    schedules = [s for s in GLOBAL_SCHEDULES if all(f"{s}_ms" in r for r in rows)]
     for schedule, marker in zip(schedules, "sdv"):
         ax.loglog(L, [r[f"{schedule}_ms"] for r in rows], marker + "-",
-                  label=f"sparse, globals {schedule}" + (" (default)" if schedule == cfg.flex_globals else ""))
+                  label=f"sparse, globals {schedule}")
     ax.loglog(L, [r["ideal_ms"] for r in rows], ":", color="gray", label="ideal = density × dense")
     if "naive_ms" in rows[0]:
         ax.loglog(L, [r["naive_ms"] for r in rows], "^--", label="naive FlexAttention mask")

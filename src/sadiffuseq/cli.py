@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-naive", action="store_true", help="attention: skip the naive FlexAttention variant")
     p.add_argument("--schedules", default="inline,copies,split",
                    help="attention: global-token schedules to time (default inline,copies,split; the default "
-                   "schedule, model.flex_globals, is always timed)")
+                   "schedule, model.flex_globals resolved per length, is always timed)")
     p.add_argument("--vocab", type=int, default=16000, help="model: vocabulary size (default 16000)")
     p.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
                    help="model: compile the blocks of both models (Denoiser.compile_blocks); moe: compile both layers; "

@@ -47,7 +47,7 @@ class ModelConfig:
     global_every: int = 0  # also every k-th position (0: none)
     global_proj: bool = False  # Longformer's separate q/k/v projections for the global attention rows
     attention_backend: str = "auto"  # auto (flex on CUDA, banded on CPU), flex, banded, dense (reference, O(L²))
-    flex_globals: str = "inline"  # flex: how global tokens are scheduled: inline, copies or split (attention/backends.py)
+    flex_globals: str = "auto"  # flex: global-token schedule: auto (split from 16k tokens), inline, copies, split
     # Mixture-of-Experts feed-forward (model.ffn=moe); see moe.py.
     moe_experts: int = 8  # E routed experts per MoE layer
     moe_top_k: int = 2  # experts each token is sent to (token-choice routing)
@@ -75,7 +75,7 @@ class ModelConfig:
         _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         _choice(self, "attention", ("dense", "sparse"))
         _choice(self, "attention_backend", ("auto", "flex", "banded", "dense"))
-        _choice(self, "flex_globals", ("inline", "copies", "split"))
+        _choice(self, "flex_globals", ("auto", "inline", "copies", "split"))
         _non_negative(self, "window", "global_first", "global_every")
         if self.dilations and (len(self.dilations) != self.n_heads or min(self.dilations) < 1):
             raise UserError(
