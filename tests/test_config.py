@@ -77,7 +77,8 @@ def test_every_command_explains_itself(command, capsys):
 def test_configs_saved_before_a_key_was_renamed_still_load():
     from sadiffuseq.config import config_from_dict
 
-    assert config_from_dict({"model": {"flex_global_copies": True}}).model.flex_globals == "copies"
+    assert config_from_dict({"model": {"flex_global_copies": True}}).model.flex_globals == "split"
+    assert config_from_dict({"model": {"flex_globals": "copies"}}).model.flex_globals == "split"
     assert config_from_dict({"model": {"flex_global_copies": False}}).model.flex_globals == "inline"
     with pytest.raises(UserError, match="model.flex_globals"):
         config_from_dict({"model": {"flex_globals": "diagonal"}})

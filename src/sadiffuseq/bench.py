@@ -1,7 +1,7 @@
 """``sadiffuseq bench``: side-by-side GPU timings, written as CSV and PNG.
 
 * ``bench attention`` — forward+backward of the attention core (after the projections) for dense SDPA
-  (FlashAttention), our sparse pattern (permuted FlexAttention under each global-token schedule: inline, copies,
+  (FlashAttention), our sparse pattern (permuted FlexAttention under each global-token schedule: inline,
   split), and optionally the *naive* FlexAttention of the same pattern (dilated mask in the original order).
   Reports block density (fraction of 128×128 tiles of the pattern visited), the ideal time density × dense,
   efficiency = ideal / sparse and the speed-up over dense, for the default schedule and for each one.
@@ -133,10 +133,10 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
             schedule_ms[schedule] = cuda_time_ms(_fwd_bwd(layer.attend, q, k, v, grad), reps=reps)
         layer.global_schedule = cfg.flex_globals
         sparse_ms = schedule_ms[default]
-        density = 0.0
-        for d, group in layer.groups:
-            layout = patterns.cached_layout(L, cfg.global_first, cfg.global_every, d, device)
-            density += block_density(block_mask_for(layout, cfg.window, L)) * len(group) / heads
+        # the tiles of the whole pattern (band + global rows and columns), whatever the schedule
+        all_heads = patterns.cached_head_layouts(L, cfg.global_first, cfg.global_every, layer.dilations, cfg.window,
+                                                 device)
+        density = block_density(block_mask_for(all_heads, L))
         row = {"length": L, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "density": density,
                "ideal_ms": density * dense_ms, "efficiency": density * dense_ms / sparse_ms,
                "speedup": dense_ms / sparse_ms, "schedule": default}

@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timings: sparse vs dense attention, training steps, MoE vs dense FFN, samplers' speed vs quality",
         formatter_class=fmt,
         description="attention: forward+backward (bf16) of dense SDPA, our sparse pattern (under each global-token "
-        "schedule: inline, copies, split) and the naive FlexAttention mask, with block density, ideal time (density × dense), efficiency (ideal / sparse) and speed-up; CSV + "
+        "schedule: inline, split) and the naive FlexAttention mask, with block density, ideal time (density × dense), efficiency (ideal / sparse) and speed-up; CSV + "
         "log-log PNG (CUDA only). model: one training step (forward, backward, AdamW) of the model with dense and with "
         "sparse attention, side by side (model sizes and the sparse pattern come from --config and overrides; CUDA "
         "only).\n\n"
@@ -369,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
     p.add_argument("--no-naive", action="store_true", help="attention: skip the naive FlexAttention variant")
-    p.add_argument("--schedules", default="inline,copies,split",
-                   help="attention: global-token schedules to time (default inline,copies,split; the default "
+    p.add_argument("--schedules", default="inline,split",
+                   help="attention: global-token schedules to time (default inline,split; the default "
                    "schedule, model.flex_globals resolved per length, is always timed)")
     p.add_argument("--vocab", type=int, default=16000, help="model: vocabulary size (default 16000)")
     p.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",

@@ -47,7 +47,7 @@ class ModelConfig:
     global_every: int = 0  # also every k-th position (0: none)
     global_proj: bool = False  # Longformer's separate q/k/v projections for the global attention rows
     attention_backend: str = "auto"  # auto (flex on CUDA, banded on CPU), flex, banded, dense (reference, O(L²))
-    flex_globals: str = "auto"  # flex: global-token schedule: auto (split from 16k tokens), inline, copies, split
+    flex_globals: str = "auto"  # flex: global-token schedule: auto (split from 16k tokens), inline, split
     # Mixture-of-Experts feed-forward (model.ffn=moe); see moe.py.
     moe_experts: int = 8  # E routed experts per MoE layer
     moe_top_k: int = 2  # experts each token is sent to (token-choice routing)
@@ -75,7 +75,9 @@ class ModelConfig:
         _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         _choice(self, "attention", ("dense", "sparse"))
         _choice(self, "attention_backend", ("auto", "flex", "banded", "dense"))
-        _choice(self, "flex_globals", ("auto", "inline", "copies", "split"))
+        if self.flex_globals == "copies":  # an earlier schedule of the same function, retired: split replaces it
+            self.flex_globals = "split"
+        _choice(self, "flex_globals", ("auto", "inline", "split"))
         _non_negative(self, "window", "global_first", "global_every")
         if self.dilations and (len(self.dilations) != self.n_heads or min(self.dilations) < 1):
             raise UserError(
@@ -357,7 +359,7 @@ def _get_section(cfg: Config, section: str, origin: str):
 
 
 # Keys that were renamed, so that configs saved with earlier runs still load: old key -> (new key, value map).
-_RENAMED = {("model", "flex_global_copies"): ("flex_globals", lambda copies: "copies" if copies else "inline")}
+_RENAMED = {("model", "flex_global_copies"): ("flex_globals", lambda copies: "split" if copies else "inline")}
 
 
 def _set_field(sec, section: str, key: str, value: Any, origin: str) -> None:

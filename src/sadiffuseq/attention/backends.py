@@ -1,12 +1,12 @@
-"""Kernels that evaluate one head group's sparse pattern. All take (B, H, L, hd) tensors.
+"""Kernels that evaluate the sparse pattern. All take (B, H, L, hd) tensors in original token order.
 
-* ``dense`` — SDPA with the pattern materialised as a boolean L×L mask, in original token order. O(L²): the
+* ``dense`` — one head group: SDPA with the pattern materialised as a boolean L×L mask, in original token order. O(L²): the
   reference every other backend is tested against, never the default.
-* ``flex`` — FlexAttention on the permuted sequence (see :class:`~sadiffuseq.attention.patterns.Layout`) with
-  a BlockMask that skips empty 128×128 tiles. ``flex_attention`` is compiled once per process and BlockMasks
-  are cached per (length, window, layout); with packed documents the mask depends on the batch and is rebuilt.
-  The fast path on CUDA.
-* ``banded`` — pure PyTorch on the permuted sequence, O(L·w) time and memory, differentiable by autograd: CPU
+* ``flex`` — FlexAttention on the permuted sequences (see :class:`~sadiffuseq.attention.patterns.Layout`) with
+  a BlockMask that skips empty 128×128 tiles; every head of a layer in one call, whatever its dilation. Compiled
+  once per (length, pattern) and BlockMasks cached with the layouts; with packed documents the mask depends on
+  the batch and is rebuilt. The fast path on CUDA.
+* ``banded`` — one head group: pure PyTorch on the permuted sequence, O(L·w) time and memory, differentiable by autograd: CPU
   training and tests (FlexAttention has no CPU backward, and its eager path materialises L×L scores).
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sadiffuseq.attention import patterns
-from sadiffuseq.attention.patterns import Layout
+from sadiffuseq.attention.patterns import HeadLayouts, Layout
 
 BACKENDS = ("flex", "banded", "dense")
 
@@ -72,29 +72,24 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask, dynamic=False)
 
 
-_BLOCK_MASKS: dict[tuple, object] = {}
-
-
-def block_mask_for(layout: Layout, window: int, length: int, doc_ids=None, band_only: bool = False):
-    """The BlockMask of a head group on the permuted sequence (cached unless documents make it batch-specific).
-
-    ``band_only``: the window/dilated band without the global rows and columns (the ``split`` schedule)."""
+def block_mask_for(heads: HeadLayouts, length: int, doc_ids=None, band_only: bool = False):
+    """The BlockMask of every head on its permuted sequence (cached on ``heads`` unless documents make it
+    batch-specific). ``band_only``: the window/dilated band without the global rows and columns (``split``)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    device = layout.perm.device
-    mod = patterns.layout_mask_mod(layout, window, doc_ids, with_globals=not band_only)
+    device = heads.pos.device
+    mod = patterns.heads_mask_mod(heads, doc_ids, with_globals=not band_only)
     make = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+    # heads that share one pattern share one row of the mask (H=None broadcasts it over the heads)
+    n_heads = None if len({id(lay) for lay in heads.layouts}) == 1 else len(heads.layouts)
     if doc_ids is not None:
-        return make(mod, doc_ids.shape[0], None, length, length, device=device)
-    key = (length, window, layout.dilation, layout.n_global, tuple(layout.class_starts), band_only, str(device))
-    if key not in _BLOCK_MASKS:
-        if len(_BLOCK_MASKS) > 64:
-            _BLOCK_MASKS.clear()
-        _BLOCK_MASKS[key] = make(mod, None, None, length, length, device=device)
-    return _BLOCK_MASKS[key]
+        return make(mod, doc_ids.shape[0], n_heads, length, length, device=device)
+    if band_only not in heads.block_masks:
+        heads.block_masks[band_only] = make(mod, None, n_heads, length, length, device=device)
+    return heads.block_masks[band_only]
 
 
-GLOBAL_SCHEDULES = ("inline", "copies", "split")
+GLOBAL_SCHEDULES = ("inline", "split")
 # ``auto`` picks split from this length on, inline below. Measured on an H100 (16 heads × 64, window ±256, 16
 # globals, fwd+bwd bf16): inline is faster at 8,192 tokens (2.8 vs 4.6 ms: the split schedule is bound by host
 # launch work there), split at 32,768 (5.7 vs 7.5 ms) and 131,072 (15.7 vs 28.6 ms). 16,384 was not measured.
@@ -110,8 +105,11 @@ def resolve_schedule(schedule: str, length: int) -> str:
     return schedule
 
 
-def flex_attention(q, k, v, layout: Layout, window: int, doc_ids=None, schedule: str = "auto") -> torch.Tensor:
-    """On permuted q, k, v; returns the permuted output.
+def flex_attention(q, k, v, heads: HeadLayouts, doc_ids=None, schedule: str = "auto") -> torch.Tensor:
+    """Every head of a layer, (B, H, L, hd) in original token order in and out: each head's tokens are put in its
+    own order (:class:`~sadiffuseq.attention.patterns.HeadLayouts`), one FlexAttention call covers all heads, and
+    the output goes back to the original order — on CUDA all of it one compiled region, so the host launches a
+    handful of kernels per layer rather than one per operation and head group.
 
     ``schedule`` changes how the global tokens are scheduled, not what is computed:
 
@@ -119,68 +117,64 @@ def flex_attention(q, k, v, layout: Layout, window: int, doc_ids=None, schedule:
       span every key block and the global key column one tile column span every query block, so in forward and
       backward a few thread blocks walk the whole sequence while the rest visit a handful of tiles (measured on an
       H100 at 32k tokens: 2.66 ms fwd+bwd for 8 heads vs 0.95 ms for the window alone).
-    * ``copies``: the G global query rows are one (G × L) matmul and every query block reads a private copy of the
-      G global keys (their gradients are summed back by autograd): a balanced grid for L/128·G extra keys.
     * ``split``: the kernel sees the band only (no global rows, no global columns) and returns its log-sum-exp;
       the G global keys are a (L × G) matmul and the two partial softmaxes are merged exactly by their
       log-sum-exps (the same algebra as split-K / flash-decoding); the global rows are a (G × L) matmul.
-      No tile walks the sequence and no key is duplicated.
+      No tile walks the sequence.
     * ``auto``: see :func:`resolve_schedule`.
     """
-    schedule = resolve_schedule(schedule, q.shape[2])
-    if layout.n_global == 0 or schedule == "inline":
-        return _flex(q, k, v, block_mask_for(layout, window, q.shape[2], doc_ids))
-    if schedule == "split":
-        band_mask = block_mask_for(layout, window, q.shape[2], doc_ids, band_only=True)
-        docs = None if doc_ids is None else doc_ids[:, layout.perm]
-        split = _compiled_split_attention() if q.device.type == "cuda" else split_attention
-        return split(q, k, v, band_mask, layout.n_global, docs)
-    G, L = layout.n_global, q.shape[2]
-    block_mask, extended = _copies_block_mask(layout, window, doc_ids)
-    n_copies = (extended - L) // G
-    k_ext = torch.cat([k, k[:, :, :G].repeat(1, 1, n_copies, 1)], dim=2)
-    v_ext = torch.cat([v, v[:, :, :G].repeat(1, 1, n_copies, 1)], dim=2)
-    rest = _flex(q, k_ext, v_ext, block_mask)[:, :, G:]
-    return torch.cat([_global_rows(q, k, v, layout, doc_ids), rest], dim=2)
+    length = q.shape[2]
+    split = resolve_schedule(schedule, length) == "split" and heads.n_global > 0
+    block_mask = block_mask_for(heads, length, doc_ids, band_only=split)
+    docs = patterns.permuted_docs(heads, doc_ids) if split and doc_ids is not None else None
+    run = _compiled_all_heads() if q.device.type == "cuda" else _all_heads
+    return run(q, k, v, heads.perm, heads.inv, block_mask, heads.n_global if split else 0, docs)
 
 
-def _global_rows(q, k, v, layout: Layout, doc_ids=None) -> torch.Tensor:
-    """The G global query rows (permuted indices [0, G)) attend to every key of their document: one matmul."""
-    G = layout.n_global
-    scores = (q[:, :, :G] @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    if doc_ids is not None:
-        docs = doc_ids[:, layout.perm]
-        scores = scores.masked_fill((docs[:, :G, None] != docs[:, None, :])[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
-
-
-def split_attention(q, k, v, band_mask, n_global: int, docs=None, kernel=None) -> torch.Tensor:
-    """The ``split`` schedule on permuted q, k, v: the band kernel (``band_mask`` holds no global row or column)
-    returns its output and log-sum-exp, then :func:`split_epilogue` adds the global keys and the global rows.
-    ``docs``: (B, L) document ids in permuted order, or None."""
-    out_b, lse_b = (kernel or _flex)(q, k, v, band_mask, return_lse=True)
-    return split_epilogue(q, k, v, out_b, lse_b, n_global, docs)
-
-
-def _flex_with_lse(q, k, v, block_mask, return_lse=True):
-    from torch.nn.attention.flex_attention import AuxRequest
-    from torch.nn.attention.flex_attention import flex_attention as raw_flex
-
-    out, aux = raw_flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
-    return out, aux.lse
-
-
-def _split_attention_cuda(q, k, v, band_mask, n_global: int, docs=None) -> torch.Tensor:
-    return split_attention(q, k, v, band_mask, n_global, docs, kernel=_flex_with_lse)
+def _all_heads(q, k, v, perm, inv, block_mask, n_global: int, docs=None):
+    """:func:`flex_attention` after its Python-side decisions: the part that is compiled."""
+    if perm is not None:
+        q, k, v = (_PermuteTokens.apply(t, perm, inv) for t in (q, k, v))
+    if n_global:
+        out = split_attention(q, k, v, block_mask, n_global, docs)
+    else:
+        out = _flex(q, k, v, block_mask)
+    return out if perm is None else _PermuteTokens.apply(out, inv, perm)
 
 
 @functools.cache
-def _compiled_split_attention():
-    """Kernel and epilogue as one compiled region: one autograd node per head group, so that at 8k tokens the
-    host's launch work does not outlast the GPU's (measured: separately compiled, 2.0 ms of host time for 0.4 ms
-    of GPU time per group). The slices, pads, casts and exponentials of the epilogue fuse around its GEMMs."""
+def _compiled_all_heads():
     _allow_recompiles()
-    return torch.compile(_split_attention_cuda, dynamic=False)
+    return torch.compile(_all_heads, dynamic=False)
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, hd), index (H, L): out[b, h, i] = x[b, h, index[h, i]]."""
+    B, H, L, D = x.shape
+    return x.gather(2, index[None, :, :, None].expand(B, H, L, D))
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """Reorder each head's tokens. The gradient of a permutation is the inverse permutation: a gather, where
+    autograd's generic rule for ``gather`` would be a scatter-add (atomics) over the whole sequence."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return _gather_tokens(x, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _gather_tokens(grad, inverse), None, None
+
+
+def split_attention(q, k, v, band_mask, n_global: int, docs=None) -> torch.Tensor:
+    """The ``split`` schedule on permuted q, k, v: the band kernel (``band_mask`` holds no global row or column)
+    returns its output and log-sum-exp, then :func:`split_epilogue` adds the global keys and the global rows.
+    ``docs``: (B, H, L) document ids in each head's permuted order, or None."""
+    out_b, lse_b = _flex(q, k, v, band_mask, return_lse=True)
+    return split_epilogue(q, k, v, out_b, lse_b, n_global, docs)
 
 
 def _chunked(x: torch.Tensor, chunk: int, value: float = 0.0) -> torch.Tensor:
@@ -210,12 +204,14 @@ def split_epilogue(q, k, v, out_b, lse_b, n_global: int, docs=None, chunk: int =
     """
     B, H, L, D = q.shape
     G, scale = n_global, D ** -0.5
+    if docs is not None and docs.dim() == 2:
+        docs = docs[:, None]  # the same order for every head
     k_g, v_g = k[:, :, :G], v[:, :, :G]
     # every query against the global keys: (B, H, C, chunk, G)
     s = (_chunked(q, chunk) @ k_g.transpose(-1, -2)[:, :, None]).float() * scale
     if docs is not None:
-        q_docs = _chunked(docs[:, None, :, None], chunk, value=-1)  # (B, 1, C, chunk, 1); padded rows: no document
-        s = s.masked_fill(q_docs != docs[:, None, None, None, :G], float("-inf"))
+        q_docs = _chunked(docs[..., None], chunk, value=-1)  # (B, H|1, C, chunk, 1); padded rows: no document
+        s = s.masked_fill(q_docs != docs[:, :, None, None, :G], float("-inf"))
     lse_b = _chunked(lse_b.float()[..., None], chunk)[..., 0]  # padded rows: 0, so every row's m is finite
     m = torch.maximum(lse_b, s.amax(-1)).detach()
     w_b = torch.exp(lse_b - m)
@@ -225,30 +221,13 @@ def split_epilogue(q, k, v, out_b, lse_b, n_global: int, docs=None, chunk: int =
     # the global query rows against every key: (B, H, C, G, chunk), one softmax over all chunks
     k_c, v_c = _chunked(k, chunk), _chunked(v, chunk)
     r = (q[:, :, None, :G] @ k_c.transpose(-1, -2)).float() * scale
-    no_docs = torch.zeros(B, L, dtype=torch.long, device=q.device)
-    key_docs = _chunked((no_docs if docs is None else docs)[:, None], chunk, value=-1)  # padded keys: no document
-    row_docs = (no_docs if docs is None else docs)[:, :G]
-    r = r.masked_fill(key_docs[:, :, :, None, :] != row_docs[:, None, None, :, None], float("-inf"))
+    all_docs = torch.zeros(B, 1, L, dtype=torch.long, device=q.device) if docs is None else docs
+    key_docs = _chunked(all_docs, chunk, value=-1)  # (B, H|1, C, chunk); padded keys: no document
+    row_docs = all_docs[:, :, :G]
+    r = r.masked_fill(key_docs[:, :, :, None, :] != row_docs[:, :, None, :, None], float("-inf"))
     r = torch.exp(r - r.amax(dim=(2, 4), keepdim=True))
     rows = (r.to(v.dtype) @ v_c).float().sum(2) / r.sum(dim=(2, 4))[..., None]
     return torch.cat([rows.to(out_b.dtype), merged[:, :, G:L]], dim=2)
-
-
-def _copies_block_mask(layout: Layout, window: int, doc_ids=None):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    device = layout.perm.device
-    mod, extended = patterns.copies_mask_mod(layout, window, doc_ids=doc_ids)
-    L = len(layout.perm)
-    make = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
-    if doc_ids is not None:
-        return make(mod, doc_ids.shape[0], None, L, extended, device=device), extended
-    key = ("copies", L, window, layout.dilation, layout.n_global, tuple(layout.class_starts), str(device))
-    if key not in _BLOCK_MASKS:
-        if len(_BLOCK_MASKS) > 64:
-            _BLOCK_MASKS.clear()
-        _BLOCK_MASKS[key] = make(mod, None, None, L, extended, device=device)
-    return _BLOCK_MASKS[key], extended
 
 
 def _flex(q, k, v, block_mask, return_lse: bool = False):
@@ -261,7 +240,9 @@ def _flex(q, k, v, block_mask, return_lse: bool = False):
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
     aux = AuxRequest(lse=True) if return_lse else None
-    if q.device.type == "cuda":
+    if torch.compiler.is_compiling():  # inside a compiled region (``_all_heads``): traced into it
+        result = eager_flex(q, k, v, block_mask=block_mask, return_aux=aux)
+    elif q.device.type == "cuda":
         result = _compiled_flex()(q, k, v, block_mask=block_mask, return_aux=aux)
     else:
         with warnings.catch_warnings():
@@ -278,17 +259,15 @@ def block_density(block_mask) -> float:
     return float(counts) / block_mask.kv_indices.numel()
 
 
-def run_group(backend: str, q, k, v, layout: Layout, window: int, is_global: torch.Tensor, doc_ids=None,
-              global_schedule: str = "auto"):
-    """One head group, original order in and out; permutes around the kernels that need it."""
+def run_group(backend: str, q, k, v, layout: Layout, window: int, is_global: torch.Tensor, doc_ids=None):
+    """One head group with the ``dense`` or ``banded`` backend, original order in and out; permutes around the
+    kernels that need it. (``flex`` runs every head of a layer at once: :func:`flex_attention`.)"""
     if backend == "dense":
         return dense_attention(q, k, v, window, layout.dilation, is_global, doc_ids)
     identity = layout.identity
     if not identity:
         q, k, v = (t.index_select(2, layout.perm) for t in (q, k, v))
-    if backend == "flex":
-        out = flex_attention(q, k, v, layout, window, doc_ids, global_schedule)
-    elif backend == "banded":
+    if backend == "banded":
         from sadiffuseq.attention.banded import banded_attention
 
         out = banded_attention(q, k, v, layout, window, doc_ids)

@@ -1,7 +1,8 @@
 """SparseSelfAttention: the SA-DiffuSeq attention module (``model.attention: sparse``).
 
-Each head has a dilation (``model.dilations``, default 1); heads of equal dilation form a group that is
-evaluated by one kernel call on its own token order (see ``patterns.Layout``). Every head of a layer uses the
+Each head has a dilation (``model.dilations``, default 1) and sees the tokens in its own order (see
+``patterns.Layout``). The ``flex`` backend runs all heads in one kernel call; ``banded`` and ``dense`` run each
+group of heads of equal dilation separately. Every head of a layer uses the
 layer's window (``model.layer_windows`` or ``model.window``) and the same global tokens. Rotary position
 embeddings are applied before any reordering, so positions keep their original meaning.
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sadiffuseq.attention import patterns
-from sadiffuseq.attention.backends import resolve_backend, run_group
+from sadiffuseq.attention.backends import flex_attention, resolve_backend, run_group
 from sadiffuseq.attention.rotary import apply_rotary
 from sadiffuseq.config import ModelConfig
 
@@ -31,6 +32,7 @@ class SparseSelfAttention(nn.Module):
         self.backend = cfg.attention_backend
         self.global_schedule = cfg.flex_globals
         dilations = cfg.dilations or [1] * cfg.n_heads
+        self.dilations = tuple(dilations)
         # (dilation, head indices) groups; ``head_order`` restores the original head order after concatenation.
         self.groups = [(d, [h for h, dh in enumerate(dilations) if dh == d]) for d in sorted(set(dilations))]
         order = [h for _, heads in self.groups for h in heads]
@@ -54,6 +56,10 @@ class SparseSelfAttention(nn.Module):
         """The sparse pattern on (B, H, L, hd) queries/keys/values (rotary already applied)."""
         L = q.shape[2]
         backend = resolve_backend(self.backend, q.device, self.head_dim)
+        if backend == "flex":  # every head at once, each on its own token order
+            heads = patterns.cached_head_layouts(L, self.global_first, self.global_every, self.dilations,
+                                                 self.window, q.device)
+            return flex_attention(q, k, v, heads, doc_ids, self.global_schedule)
         is_global = patterns.global_positions(L, self.global_first, self.global_every, device=q.device)
         outs = []
         start = 0
@@ -66,7 +72,7 @@ class SparseSelfAttention(nn.Module):
                 idx = torch.tensor(heads, device=q.device)
                 qg, kg, vg = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
             layout = patterns.cached_layout(L, self.global_first, self.global_every, d, q.device)
-            outs.append(run_group(backend, qg, kg, vg, layout, self.window, is_global, doc_ids, self.global_schedule))
+            outs.append(run_group(backend, qg, kg, vg, layout, self.window, is_global, doc_ids))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if not self.contiguous_groups:
             y = y.index_select(1, self.head_order)

@@ -20,7 +20,7 @@ in permuted indices but decide with original positions, so the pattern's meaning
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -182,37 +182,78 @@ def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None,
     return mask_mod
 
 
-def copies_mask_mod(layout: Layout, w: int, block: int = 128, doc_ids: torch.Tensor | None = None):
-    """The window part of the pattern over an *extended* key sequence ``[keys; copies of the global keys]``.
+@dataclass(frozen=True, eq=False)
+class HeadLayouts:
+    """Every head of a layer on its own token order, stacked so that one kernel call serves all heads.
 
-    Keys ``[0, L)`` are the permuted sequence; keys ``L + c·G + j`` hold a private copy of global key j for the
-    queries of block c (``q // block == c``). Global query rows are left out (they are computed separately).
-    Each copy is read by one query block only, so no tile row or column of the grid spans the whole sequence.
+    Heads of equal dilation share a :class:`Layout`; every layout puts the same global tokens first, so the
+    global rows and keys sit at permuted indices ``[0, n_global)`` for every head. ``perm``/``inv`` are (H, L)
+    (None when every head's order is the original one); ``pos``/``cls`` are (H, L) int32 tables of each permuted
+    index's original position and residue class, ``span`` (H,) int32 the reach w·d of each head's window of
+    half-width ``window``. ``block_masks`` caches the kernels' BlockMasks for these heads (built by the backend).
     """
-    length, n_global, span, d = len(layout.perm), layout.n_global, w * layout.dilation, layout.dilation
-    n_blocks = -(-length // block)
-    extended = length + n_blocks * n_global
-    device = layout.perm.device
-    copy_of = torch.cat([layout.perm, layout.perm[:n_global].repeat(n_blocks)]).to(torch.int32)  # original position
-    pad = torch.zeros(extended - length, dtype=torch.int32, device=device)
-    pos = torch.cat([layout.perm.to(torch.int32), pad])
-    cls = torch.cat([(layout.perm % d).to(torch.int32), pad])
-    docs = None if doc_ids is None else doc_ids[:, copy_of.long()].to(torch.int32)
-    q_docs = None if doc_ids is None else doc_ids[:, layout.perm].to(torch.int32)
+
+    layouts: tuple[Layout, ...]
+    window: int
+    perm: torch.Tensor | None
+    inv: torch.Tensor | None
+    pos: torch.Tensor
+    cls: torch.Tensor
+    span: torch.Tensor
+    n_global: int
+    plain: bool  # every head: undilated, identity order -> the band is |q - k| <= w, no table lookups
+    block_masks: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def stack_layouts(layouts: list[Layout], window: int) -> HeadLayouts:
+    """One :class:`Layout` per head (heads of equal dilation may share one) -> :class:`HeadLayouts`."""
+    n_global = {lay.n_global for lay in layouts}
+    if len(n_global) != 1:
+        raise ValueError("every head of a layer must have the same global tokens")
+    identity = all(lay.identity for lay in layouts)
+    perm = None if identity else torch.stack([lay.perm for lay in layouts])
+    inv = None if identity else torch.stack([lay.inv for lay in layouts])
+    pos = torch.stack([lay.perm.to(torch.int32) for lay in layouts])
+    cls = torch.stack([(lay.perm % lay.dilation).to(torch.int32) for lay in layouts])
+    span = torch.tensor([window * lay.dilation for lay in layouts], dtype=torch.int32, device=pos.device)
+    plain = identity and all(lay.dilation == 1 for lay in layouts)
+    return HeadLayouts(tuple(layouts), window, perm, inv, pos, cls, span, n_global.pop(), plain)
+
+
+def heads_mask_mod(heads: HeadLayouts, doc_ids: torch.Tensor | None = None, with_globals: bool = True):
+    """The pattern of every head in its *permuted* indices: :func:`layout_mask_mod` with the head's own layout.
+
+    ``doc_ids`` (B, L) in original order. The lookups are int32 (64-bit division and modulo are slow on GPUs) and
+    left out entirely when no head is dilated or reordered.
+    """
+    n_global, pos, cls, span, w = heads.n_global, heads.pos, heads.cls, heads.span, heads.window
+    if heads.plain:
+
+        def local(h, q, k):
+            return (q - k).abs() <= w
+
+    else:
+
+        def local(h, q, k):
+            return (cls[h, q] == cls[h, k]) & ((pos[h, q] - pos[h, k]).abs() <= span[h])
+
+    docs = None if doc_ids is None else permuted_docs(heads, doc_ids)
 
     def mask_mod(b, h, q, k):
-        in_band = (k < length) & (k >= n_global) & (q >= n_global)
-        if layout.identity and d == 1:
-            in_band = in_band & ((q - k).abs() <= span)
+        if with_globals:
+            out = local(h, q, k) | (q < n_global) | (k < n_global)
         else:
-            in_band = in_band & (cls[q] == cls[k]) & ((pos[q] - pos[k]).abs() <= span)
-        is_copy = (k >= length) & (q >= n_global) & ((k - length) // max(n_global, 1) == q // block)
-        out = in_band | is_copy
+            out = local(h, q, k) & (q >= n_global) & (k >= n_global)
         if docs is not None:
-            out = out & (q_docs[b, q] == docs[b, k])
+            out = out & (docs[b, h, q] == docs[b, h, k])
         return out
 
-    return mask_mod, extended
+    return mask_mod
+
+
+def permuted_docs(heads: HeadLayouts, doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) document ids in original order -> (B, H, L) int32 in each head's permuted order."""
+    return doc_ids[:, heads.pos.long()].to(torch.int32)
 
 
 def dense_mask(mask_mod, length: int, batch: int = 1, device=None) -> torch.Tensor:
@@ -230,3 +271,16 @@ def _cached_layout(length: int, first: int, every: int, dilation: int, device_st
 
 def cached_layout(length: int, first: int, every: int, dilation: int, device: torch.device) -> Layout:
     return _cached_layout(length, first, every, dilation, str(device))
+
+
+@lru_cache(maxsize=64)
+def _cached_head_layouts(length: int, first: int, every: int, dilations: tuple[int, ...], window: int,
+                         device_str: str) -> HeadLayouts:
+    device = torch.device(device_str)
+    return stack_layouts([cached_layout(length, first, every, d, device) for d in dilations], window)
+
+
+def cached_head_layouts(length: int, first: int, every: int, dilations: tuple[int, ...], window: int,
+                        device: torch.device) -> HeadLayouts:
+    """:class:`HeadLayouts` for heads with the given dilations (one per head), cached per process."""
+    return _cached_head_layouts(length, first, every, tuple(dilations), window, str(device))
