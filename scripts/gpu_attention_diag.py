@@ -5,10 +5,12 @@
 * the window alone (no dilation, no globals) as one FlexAttention call over all heads: the floor of any schedule;
 * our band kernel (every head on its own token order, no globals) with its log-sum-exp;
 * the whole pattern under each global-token schedule, as the model runs it (``flex_attention``);
-* with ``--autotune``: the split schedule compiled with ``max-autotune-no-cudagraphs`` (Triton configs searched).
+* with ``--autotune``: the split schedule compiled with ``max-autotune-no-cudagraphs`` (Triton configs searched);
+  ``--cudagraphs``: split and inline compiled with ``reduce-overhead`` (CUDA graphs); ``--cpp-wrapper``: split
+  with Inductor's C++ launcher.
 
 Then a profiler table of the split schedule's CUDA kernels (forward + backward, 5 steps).
-Usage: python3 scripts/gpu_attention_diag.py [LENGTH] [--autotune]
+Usage: python3 scripts/gpu_attention_diag.py [LENGTH] [--autotune] [--cudagraphs] [--cpp-wrapper]
 """
 
 import sys
@@ -51,19 +53,29 @@ rows = [
      block_density(block_mask_for(heads, L))),
     ("whole pattern, split", lambda: flex_attention(q, k, v, heads, schedule="split"), None),
 ]
+
+
+def variant(name, schedule, **compile_kwargs):
+    """The whole pattern through ``backends._all_heads`` compiled with other ``torch.compile`` settings."""
+    fn = torch.compile(backends._all_heads, dynamic=False, **compile_kwargs)
+    split = schedule == "split"
+    bm = band_bm if split else block_mask_for(heads, L)
+    rows.append((name, lambda: fn(q, k, v, heads.perm, heads.inv, bm, G if split else 0, None), None))
+
+
 if "--autotune" in sys.argv:
-    tuned = torch.compile(backends._all_heads, dynamic=False, mode="max-autotune-no-cudagraphs")
-
-    def split_tuned():
-        return tuned(q, k, v, heads.perm, heads.inv, band_bm, G, None)
-
-    rows.append(("whole pattern, split, autotuned", split_tuned, None))
+    variant("whole pattern, split, autotuned", "split", mode="max-autotune-no-cudagraphs")
+if "--cudagraphs" in sys.argv:  # the host launches one graph per pass instead of every kernel
+    variant("whole pattern, split, CUDA graphs", "split", mode="reduce-overhead")
+    variant("whole pattern, inline, CUDA graphs", "inline", mode="reduce-overhead")
+if "--cpp-wrapper" in sys.argv:  # kernels launched from generated C++ rather than Python
+    variant("whole pattern, split, C++ wrapper", "split", options={"cpp_wrapper": True})
 
 print(f"L={L}, H={H}, hd={hd}, dilations {dilations}, window ±{w}, {G} globals, bf16")
 print(f"{'variant':<44}{'density':>9}{'fwd ms':>9}{'fwd+bwd ms':>12}")
 for name, fn, density in rows:
     with torch.no_grad():
-        f = cuda_time_ms(lambda: fn())
+        f = cuda_time_ms(lambda: fn()) if "CUDA graphs" not in name else float("nan")  # one graph set per mode
     dens = "" if density is None else f"{density:.4f}"
     print(f"{name:<44}{dens:>9}{f:>9.3f}{cuda_time_ms(fb(fn)):>12.3f}", flush=True)
 

@@ -7,7 +7,7 @@
 #   PART=model bash scripts/gpu_attention_schedules.sh   # compiled base-size training step at 32k, dense vs sparse
 #   PART=moe bash scripts/gpu_attention_schedules.sh     # bench moe at 8k/32k, eager and compiled
 # env: TESTS (pytest -k expression), LENGTHS, SCHEDULES (bench attention, default inline,split), DIAG_LENGTH,
-# AUTOTUNE=1 (diag), MODEL_SCHEDULE (PART=model, default auto), OUT. Everything lands in $OUT/attention-$PART.tgz.
+# DIAG_FLAGS (e.g. "--autotune --cudagraphs"), MODEL_SCHEDULE (PART=model, default auto), OUT. Everything lands in $OUT/attention-$PART.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -27,7 +27,7 @@ case "$PART" in
     python3 -m sadiffuseq bench attention --lengths ${LENGTHS:-8192,32768,131072} --no-naive \
         --schedules ${SCHEDULES:-inline,split} --out "$work" 2>&1 | tail -6 ;;
   diag)
-    timeout ${DIAG_TIMEOUT:-500} python3 scripts/gpu_attention_diag.py ${DIAG_LENGTH:-32768} ${AUTOTUNE:+--autotune} 2>&1 \
+    timeout ${DIAG_TIMEOUT:-500} python3 scripts/gpu_attention_diag.py ${DIAG_LENGTH:-32768} ${DIAG_FLAGS:-} 2>&1 \
         | grep -v -i warn | tail -34 | tee "$work/diag.txt" ;;
   model)
     stamp "bench model compiled, globals ${MODEL_SCHEDULE:-auto}"
