@@ -3,6 +3,7 @@
 # cold compile of ~35 s):
 #   PART=kernel bash scripts/gpu_attention_schedules.sh  # GPU correctness (fwd+bwd against dense, packed documents,
 #                                                        # no recompiles for new documents) + bench attention
+#   PART=modes bash scripts/gpu_attention_schedules.sh   # bench attention under other model.flex_compile modes
 #   PART=diag bash scripts/gpu_attention_schedules.sh    # scripts/gpu_attention_diag.py at $DIAG_LENGTH (32768)
 #   PART=model bash scripts/gpu_attention_schedules.sh   # compiled base-size training step at 32k, dense vs sparse
 #   PART=moe bash scripts/gpu_attention_schedules.sh     # bench moe at 8k/32k, eager and compiled
@@ -11,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
-PART=${PART:?set PART to kernel, diag, model or moe}
+PART=${PART:?set PART to kernel, modes, diag, model or moe}
 work=/tmp/attention-$PART
 rm -rf "$work"; mkdir -p "$work" "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
@@ -26,9 +27,18 @@ case "$PART" in
     stamp "bench attention"
     python3 -m sadiffuseq bench attention --lengths ${LENGTHS:-8192,32768,131072} --no-naive \
         --schedules ${SCHEDULES:-inline,split} --out "$work" 2>&1 | tail -6 ;;
+  modes)  # torch.compile modes of the attention region (model.flex_compile): CUDA graphs where launches dominate
+          # (8k), autotuned kernels where the GPU does (32k, 128k). Full logs (autotune choices) in $work.
+    stamp "CUDA graphs at ${SHORT:-8192}"
+    python3 -m sadiffuseq bench attention --lengths ${SHORT:-8192} --no-naive --flex-compile reduce-overhead \
+        --schedules inline,split --out "$work/cudagraphs" > "$work/cudagraphs.log" 2>&1; tail -3 "$work/cudagraphs.log"
+    stamp "autotuned at ${LONG:-32768,131072}"
+    python3 -m sadiffuseq bench attention --lengths ${LONG:-32768,131072} --no-naive \
+        --flex-compile max-autotune-no-cudagraphs --schedules split --out "$work/autotune" > "$work/autotune.log" 2>&1
+    tail -4 "$work/autotune.log" ;;
   diag)
     timeout ${DIAG_TIMEOUT:-500} python3 scripts/gpu_attention_diag.py ${DIAG_LENGTH:-32768} ${DIAG_FLAGS:-} 2>&1 \
-        | grep -v -i warn | tail -34 | tee "$work/diag.txt" ;;
+        > "$work/diag-${DIAG_LENGTH:-32768}.txt" 2>&1; grep -E "^(L=|variant|dense|window|band|whole)" "$work/diag-${DIAG_LENGTH:-32768}.txt" ;;
   model)
     stamp "bench model compiled, globals ${MODEL_SCHEDULE:-auto}"
     python3 -m sadiffuseq bench model --lengths 32768 --reps 5 --compile --model.flex_globals=${MODEL_SCHEDULE:-auto} \
@@ -37,7 +47,7 @@ case "$PART" in
   moe)  # not attention, but short enough to share a call: the MoE layer against the dense FFN, eager and compiled
     python3 -m sadiffuseq bench moe --lengths 8192,32768 --reps 30 --out "$work/eager" 2>&1 | tail -3
     python3 -m sadiffuseq bench moe --lengths 8192,32768 --reps 30 --compile --out "$work/compiled" 2>&1 | tail -3 ;;
-  *) echo "unknown PART=$PART (kernel, diag, model or moe)"; exit 2 ;;
+  *) echo "unknown PART=$PART (kernel, modes, diag, model or moe)"; exit 2 ;;
 esac
 stamp "done"
 tar czf "$OUT/attention-$PART.tgz" -C /tmp "attention-$PART"

@@ -86,6 +86,8 @@ def test_bench_attention_rejects_unknown_schedules(tmp_path, capsys):
         bench.bench_attention([128], out_dir=tmp_path, schedules=("inline", "diagonal"))
     assert main(["bench", "attention", "--schedules", "split,foo", "--out", str(tmp_path)]) == 2
     assert "'foo'" in capsys.readouterr().err
+    assert main(["bench", "attention", "--flex-compile", "fastest", "--out", str(tmp_path)]) == 2
+    assert "flex_compile='fastest' is not one of" in capsys.readouterr().err
 
 
 def test_bench_sample_end_to_end(tmp_path, capsys, monkeypatch):

@@ -75,10 +75,13 @@ def _fwd_bwd(attend, q, k, v, grad):
 
 
 def pattern_config(heads: int, head_dim: int, window: int, dilated_heads: int, dilation: int, n_global: int,
-                   backend: str = "auto") -> ModelConfig:
+                   backend: str = "auto", compile_mode: str = "default") -> ModelConfig:
     dilations = [1] * (heads - dilated_heads) + [dilation] * dilated_heads
-    return ModelConfig(d_model=heads * head_dim, n_heads=heads, window=window, dilations=dilations,
-                       global_first=n_global, attention="sparse", attention_backend=backend, dropout=0.0)
+    cfg = ModelConfig(d_model=heads * head_dim, n_heads=heads, window=window, dilations=dilations,
+                      global_first=n_global, attention="sparse", attention_backend=backend, dropout=0.0,
+                      flex_compile=compile_mode)
+    cfg.validate()
+    return cfg
 
 
 def naive_flex(cfg: ModelConfig, length: int, device):
@@ -105,14 +108,15 @@ def naive_flex(cfg: ModelConfig, length: int, device):
 def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, window: int = 256,
                     dilated_heads: int = 8, dilation: int = 4, n_global: int = 16, batch: int = 1,
                     naive: bool = True, reps: int = 10, out_dir: str | Path = "bench_out",
-                    schedules: tuple[str, ...] = GLOBAL_SCHEDULES) -> list[dict]:
+                    schedules: tuple[str, ...] = GLOBAL_SCHEDULES, compile_mode: str = "default") -> list[dict]:
     """Dense SDPA vs the sparse pattern (fwd+bwd, bf16) per length. The ``sparse_*`` columns are the default
     global-token schedule (``model.flex_globals``, resolved per length), always timed; ``<schedule>_ms`` columns
-    are every timed schedule."""
+    are every timed schedule. ``compile_mode``: ``model.flex_compile`` for the sparse attention."""
     bad = [s for s in schedules if s not in GLOBAL_SCHEDULES]
     if bad:
         raise UserError(f"unknown global-token schedule(s) {bad}; choose from {', '.join(GLOBAL_SCHEDULES)}")
-    cfg = pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global, backend="flex")
+    cfg = pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global, backend="flex",
+                         compile_mode=compile_mode)  # checks the mode
     if not torch.cuda.is_available():
         raise UserError("bench attention measures GPU kernels (FlexAttention, FlashAttention): it needs a CUDA GPU")
     device = torch.device("cuda")
@@ -139,7 +143,7 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         density = block_density(block_mask_for(all_heads, L))
         row = {"length": L, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "density": density,
                "ideal_ms": density * dense_ms, "efficiency": density * dense_ms / sparse_ms,
-               "speedup": dense_ms / sparse_ms, "schedule": default}
+               "speedup": dense_ms / sparse_ms, "schedule": default, "compile": compile_mode}
         for schedule, ms in schedule_ms.items():
             row[f"{schedule}_ms"], row[f"{schedule}_speedup"] = ms, dense_ms / ms
         if naive:

@@ -200,7 +200,8 @@ def cmd_bench(args, extra, parser) -> None:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         rows = bench.bench_attention(lengths, args.heads, args.head_dim, args.window, args.dilated_heads,
                                      args.dilation, args.globals, args.batch, not args.no_naive, args.reps, args.out,
-                                     tuple(s.strip() for s in args.schedules.split(",") if s.strip()))
+                                     tuple(s.strip() for s in args.schedules.split(",") if s.strip()),
+                                     args.flex_compile)
         print(bench.format_rows(rows))
         print(f"written {args.out}/attention.csv and {args.out}/attention.png")
     elif args.what == "moe":
@@ -369,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
     p.add_argument("--no-naive", action="store_true", help="attention: skip the naive FlexAttention variant")
+    p.add_argument("--flex-compile", default="default", metavar="MODE",
+                   help="attention: torch.compile mode of the sparse attention (model.flex_compile): default, "
+                   "max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs) or max-autotune")
     p.add_argument("--schedules", default="inline,split",
                    help="attention: global-token schedules to time (default inline,split; the default "
                    "schedule, model.flex_globals resolved per length, is always timed)")

@@ -105,7 +105,8 @@ def resolve_schedule(schedule: str, length: int) -> str:
     return schedule
 
 
-def flex_attention(q, k, v, heads: HeadLayouts, doc_ids=None, schedule: str = "auto") -> torch.Tensor:
+def flex_attention(q, k, v, heads: HeadLayouts, doc_ids=None, schedule: str = "auto",
+                   compile_mode: str = "default") -> torch.Tensor:
     """Every head of a layer, (B, H, L, hd) in original token order in and out: each head's tokens are put in its
     own order (:class:`~sadiffuseq.attention.patterns.HeadLayouts`), one FlexAttention call covers all heads, and
     the output goes back to the original order — on CUDA all of it one compiled region, so the host launches a
@@ -122,12 +123,14 @@ def flex_attention(q, k, v, heads: HeadLayouts, doc_ids=None, schedule: str = "a
       log-sum-exps (the same algebra as split-K / flash-decoding); the global rows are a (G × L) matmul.
       No tile walks the sequence.
     * ``auto``: see :func:`resolve_schedule`.
+
+    ``compile_mode``: the ``torch.compile`` mode of the region on CUDA (``model.flex_compile``).
     """
     length = q.shape[2]
     split = resolve_schedule(schedule, length) == "split" and heads.n_global > 0
     block_mask = block_mask_for(heads, length, doc_ids, band_only=split)
     docs = patterns.permuted_docs(heads, doc_ids) if split and doc_ids is not None else None
-    run = _compiled_all_heads() if q.device.type == "cuda" else _all_heads
+    run = _compiled_all_heads(compile_mode) if q.device.type == "cuda" else _all_heads
     return run(q, k, v, heads.perm, heads.inv, block_mask, heads.n_global if split else 0, docs)
 
 
@@ -143,9 +146,9 @@ def _all_heads(q, k, v, perm, inv, block_mask, n_global: int, docs=None):
 
 
 @functools.cache
-def _compiled_all_heads():
+def _compiled_all_heads(mode: str = "default"):
     _allow_recompiles()
-    return torch.compile(_all_heads, dynamic=False)
+    return torch.compile(_all_heads, dynamic=False, **({} if mode == "default" else {"mode": mode}))
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

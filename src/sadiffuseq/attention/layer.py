@@ -31,6 +31,7 @@ class SparseSelfAttention(nn.Module):
         self.global_first, self.global_every = cfg.global_first, cfg.global_every
         self.backend = cfg.attention_backend
         self.global_schedule = cfg.flex_globals
+        self.compile_mode = cfg.flex_compile
         dilations = cfg.dilations or [1] * cfg.n_heads
         self.dilations = tuple(dilations)
         # (dilation, head indices) groups; ``head_order`` restores the original head order after concatenation.
@@ -59,7 +60,7 @@ class SparseSelfAttention(nn.Module):
         if backend == "flex":  # every head at once, each on its own token order
             heads = patterns.cached_head_layouts(L, self.global_first, self.global_every, self.dilations,
                                                  self.window, q.device)
-            return flex_attention(q, k, v, heads, doc_ids, self.global_schedule)
+            return flex_attention(q, k, v, heads, doc_ids, self.global_schedule, self.compile_mode)
         is_global = patterns.global_positions(L, self.global_first, self.global_every, device=q.device)
         outs = []
         start = 0
