@@ -13,8 +13,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 PART=${PART:?set PART to kernel, modes, diag, model or moe}
-work=/tmp/attention-$PART
-rm -rf "$work"; mkdir -p "$work" "$OUT"
+work=$OUT/$PART
+mkdir -p "$work"
+T=${STAGE_TIMEOUT:-560}
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=60
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee "$work/env.txt"
 t0=$(date +%s)
@@ -30,10 +31,10 @@ case "$PART" in
   modes)  # torch.compile modes of the attention region (model.flex_compile): CUDA graphs where launches dominate
           # (8k), autotuned kernels where the GPU does (32k, 128k). Full logs (autotune choices) in $work.
     stamp "CUDA graphs at ${SHORT:-8192}"
-    python3 -m sadiffuseq bench attention --lengths ${SHORT:-8192} --no-naive --flex-compile reduce-overhead \
+    timeout $T python3 -m sadiffuseq bench attention --lengths ${SHORT:-8192} --no-naive --flex-compile reduce-overhead \
         --schedules inline,split --out "$work/cudagraphs" > "$work/cudagraphs.log" 2>&1; tail -3 "$work/cudagraphs.log"
     stamp "autotuned at ${LONG:-32768,131072}"
-    python3 -m sadiffuseq bench attention --lengths ${LONG:-32768,131072} --no-naive \
+    timeout $T python3 -m sadiffuseq bench attention --lengths ${LONG:-32768,131072} --no-naive \
         --flex-compile max-autotune-no-cudagraphs --schedules split --out "$work/autotune" > "$work/autotune.log" 2>&1
     tail -4 "$work/autotune.log" ;;
   diag)
@@ -41,13 +42,13 @@ case "$PART" in
         > "$work/diag-${DIAG_LENGTH:-32768}.txt" 2>&1; grep -E "^(L=|variant|dense|window|band|whole)" "$work/diag-${DIAG_LENGTH:-32768}.txt" ;;
   model)
     stamp "bench model compiled, globals ${MODEL_SCHEDULE:-auto}"
-    python3 -m sadiffuseq bench model --lengths 32768 --reps 5 --compile --model.flex_globals=${MODEL_SCHEDULE:-auto} \
+    timeout $T python3 -m sadiffuseq bench model --lengths 32768 --reps 5 --compile \
+        --model.flex_globals=${MODEL_SCHEDULE:-auto} --model.flex_compile=${MODEL_COMPILE:-default} \
         --model.dilations=[1,1,1,1,1,1,4,4,4,4,4,4] --model.window=256 --model.global_first=16 \
-        --out "$work" 2>&1 | tail -4 ;;
+        --out "$work" > "$work/model.log" 2>&1; tail -4 "$work/model.log" ;;
   moe)  # not attention, but short enough to share a call: the MoE layer against the dense FFN, eager and compiled
     python3 -m sadiffuseq bench moe --lengths 8192,32768 --reps 30 --out "$work/eager" 2>&1 | tail -3
     python3 -m sadiffuseq bench moe --lengths 8192,32768 --reps 30 --compile --out "$work/compiled" 2>&1 | tail -3 ;;
   *) echo "unknown PART=$PART (kernel, modes, diag, model or moe)"; exit 2 ;;
 esac
 stamp "done"
-tar czf "$OUT/attention-$PART.tgz" -C /tmp "attention-$PART"
