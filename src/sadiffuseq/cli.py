@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs) or max-autotune")
     p.add_argument("--schedules", default="inline,split",
                    help="attention: global-token schedules to time (default inline,split; the default "
-                   "schedule, model.flex_globals resolved per length, is always timed)")
+                   "schedule, model.flex_globals resolved per length, is the sparse_ms column when listed, else the first one)")
     p.add_argument("--vocab", type=int, default=16000, help="model: vocabulary size (default 16000)")
     p.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
                    help="model: compile the blocks of both models (Denoiser.compile_blocks); moe: compile both layers; "
