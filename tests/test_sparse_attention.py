@@ -230,3 +230,11 @@ def test_auto_schedule_switches_to_split_for_long_sequences():
     assert resolve_schedule("inline", 10**6) == "inline"
     with pytest.raises(ValueError, match="unknown global-token schedule"):
         resolve_schedule("diagonal", 10)
+
+
+def test_auto_compile_mode_autotunes_long_sequences_only():
+    from sadiffuseq.attention.backends import SPLIT_FROM_LENGTH, resolve_compile_mode
+
+    assert resolve_compile_mode("auto", SPLIT_FROM_LENGTH - 1) == "default"
+    assert resolve_compile_mode("auto", SPLIT_FROM_LENGTH) == "max-autotune-no-cudagraphs"
+    assert resolve_compile_mode("reduce-overhead", 10**6) == "reduce-overhead"

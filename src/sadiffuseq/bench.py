@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from sadiffuseq.attention import patterns
 from sadiffuseq.attention.backends import (
     GLOBAL_SCHEDULES,
+    resolve_compile_mode,
     resolve_schedule,
     _compiled_create_block_mask,
     _compiled_flex,
@@ -75,7 +76,7 @@ def _fwd_bwd(attend, q, k, v, grad):
 
 
 def pattern_config(heads: int, head_dim: int, window: int, dilated_heads: int, dilation: int, n_global: int,
-                   backend: str = "auto", compile_mode: str = "default") -> ModelConfig:
+                   backend: str = "auto", compile_mode: str = "auto") -> ModelConfig:
     dilations = [1] * (heads - dilated_heads) + [dilation] * dilated_heads
     cfg = ModelConfig(d_model=heads * head_dim, n_heads=heads, window=window, dilations=dilations,
                       global_first=n_global, attention="sparse", attention_backend=backend, dropout=0.0,
@@ -108,7 +109,7 @@ def naive_flex(cfg: ModelConfig, length: int, device):
 def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, window: int = 256,
                     dilated_heads: int = 8, dilation: int = 4, n_global: int = 16, batch: int = 1,
                     naive: bool = True, reps: int = 10, out_dir: str | Path = "bench_out",
-                    schedules: tuple[str, ...] = GLOBAL_SCHEDULES, compile_mode: str = "default") -> list[dict]:
+                    schedules: tuple[str, ...] = GLOBAL_SCHEDULES, compile_mode: str = "auto") -> list[dict]:
     """Dense SDPA vs the sparse pattern (fwd+bwd, bf16) per length. The ``sparse_*`` columns are the default
     global-token schedule (``model.flex_globals``, resolved per length) when it is among ``schedules``, else the
     first of them; ``<schedule>_ms`` columns are every timed schedule. ``compile_mode``: ``model.flex_compile`` for the sparse attention."""
@@ -145,7 +146,8 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         density = block_density(block_mask_for(all_heads, L))
         row = {"length": L, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "density": density,
                "ideal_ms": density * dense_ms, "efficiency": density * dense_ms / sparse_ms,
-               "speedup": dense_ms / sparse_ms, "schedule": default, "compile": compile_mode}
+               "speedup": dense_ms / sparse_ms, "schedule": default,
+               "compile": resolve_compile_mode(compile_mode, L)}
         for schedule, ms in schedule_ms.items():
             row[f"{schedule}_ms"], row[f"{schedule}_speedup"] = ms, dense_ms / ms
         if naive:

@@ -370,9 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
     p.add_argument("--no-naive", action="store_true", help="attention: skip the naive FlexAttention variant")
-    p.add_argument("--flex-compile", default="default", metavar="MODE",
-                   help="attention: torch.compile mode of the sparse attention (model.flex_compile): default, "
-                   "max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs) or max-autotune")
+    p.add_argument("--flex-compile", default="auto", metavar="MODE",
+                   help="attention: torch.compile mode of the sparse attention (model.flex_compile): auto "
+                   "(autotuned kernels from 16k tokens), default, max-autotune-no-cudagraphs, reduce-overhead "
+                   "(CUDA graphs) or max-autotune")
     p.add_argument("--schedules", default="inline,split",
                    help="attention: global-token schedules to time (default inline,split; the default "
                    "schedule, model.flex_globals resolved per length, is the sparse_ms column when listed, else the first one)")

@@ -48,10 +48,11 @@ class ModelConfig:
     global_proj: bool = False  # Longformer's separate q/k/v projections for the global attention rows
     attention_backend: str = "auto"  # auto (flex on CUDA, banded on CPU), flex, banded, dense (reference, O(L²))
     flex_globals: str = "auto"  # flex: global-token schedule: auto (split from 16k tokens), inline, split
-    # flex: torch.compile mode of the attention region: default, max-autotune-no-cudagraphs (searches the kernels'
-    # tile sizes: slower first compile per length, faster steps), reduce-overhead (CUDA graphs: for short
-    # sequences, where launching kernels costs more than running them), max-autotune (both)
-    flex_compile: str = "default"
+    # flex: torch.compile mode of the attention region: auto (max-autotune-no-cudagraphs from 16k tokens, default
+    # below), default, max-autotune-no-cudagraphs (searches the kernels' tile sizes: minutes more for the first
+    # compile of each length, faster steps), reduce-overhead (CUDA graphs: for short sequences, where launching
+    # kernels costs more than running them), max-autotune (both)
+    flex_compile: str = "auto"
     # Mixture-of-Experts feed-forward (model.ffn=moe); see moe.py.
     moe_experts: int = 8  # E routed experts per MoE layer
     moe_top_k: int = 2  # experts each token is sent to (token-choice routing)
@@ -82,7 +83,7 @@ class ModelConfig:
         if self.flex_globals == "copies":  # an earlier schedule of the same function, retired: split replaces it
             self.flex_globals = "split"
         _choice(self, "flex_globals", ("auto", "inline", "split"))
-        _choice(self, "flex_compile", ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"))
+        _choice(self, "flex_compile", ("auto", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"))
         _non_negative(self, "window", "global_first", "global_every")
         if self.dilations and (len(self.dilations) != self.n_heads or min(self.dilations) < 1):
             raise UserError(

@@ -105,8 +105,20 @@ def resolve_schedule(schedule: str, length: int) -> str:
     return schedule
 
 
+def resolve_compile_mode(mode: str, length: int) -> str:
+    """``auto`` -> ``max-autotune-no-cudagraphs`` from ``SPLIT_FROM_LENGTH`` tokens on, ``default`` below.
+
+    Measured on an H100 (bench attention, fwd+bwd bf16, split schedule): autotuning takes 32,768 tokens from 3.11
+    to 2.64 ms and 131,072 from 11.50 to 9.56 ms, and a base-size training step at 32k from 95.2 to 87.5 ms; the
+    search costs a few minutes once per length (Inductor caches its choices), which long-sequence training
+    amortises and short runs need not pay."""
+    if mode == "auto":
+        return "max-autotune-no-cudagraphs" if length >= SPLIT_FROM_LENGTH else "default"
+    return mode
+
+
 def flex_attention(q, k, v, heads: HeadLayouts, doc_ids=None, schedule: str = "auto",
-                   compile_mode: str = "default") -> torch.Tensor:
+                   compile_mode: str = "auto") -> torch.Tensor:
     """Every head of a layer, (B, H, L, hd) in original token order in and out: each head's tokens are put in its
     own order (:class:`~sadiffuseq.attention.patterns.HeadLayouts`), one FlexAttention call covers all heads, and
     the output goes back to the original order — on CUDA all of it one compiled region, so the host launches a
@@ -124,13 +136,14 @@ def flex_attention(q, k, v, heads: HeadLayouts, doc_ids=None, schedule: str = "a
       No tile walks the sequence.
     * ``auto``: see :func:`resolve_schedule`.
 
-    ``compile_mode``: the ``torch.compile`` mode of the region on CUDA (``model.flex_compile``).
+    ``compile_mode``: the ``torch.compile`` mode of the region on CUDA (``model.flex_compile``, see
+    :func:`resolve_compile_mode`).
     """
     length = q.shape[2]
     split = resolve_schedule(schedule, length) == "split" and heads.n_global > 0
     block_mask = block_mask_for(heads, length, doc_ids, band_only=split)
     docs = patterns.permuted_docs(heads, doc_ids) if split and doc_ids is not None else None
-    run = _compiled_all_heads(compile_mode) if q.device.type == "cuda" else _all_heads
+    run = _compiled_all_heads(resolve_compile_mode(compile_mode, length)) if q.device.type == "cuda" else _all_heads
     return run(q, k, v, heads.perm, heads.inv, block_mask, heads.n_global if split else 0, docs)
 
 
