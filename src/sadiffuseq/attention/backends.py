@@ -90,9 +90,9 @@ def block_mask_for(heads: HeadLayouts, length: int, doc_ids=None, band_only: boo
 
 
 GLOBAL_SCHEDULES = ("inline", "split")
-# ``auto`` picks split from this length on, inline below. Measured on an H100 (16 heads × 64, window ±256, 16
-# globals, fwd+bwd bf16): inline is faster at 8,192 tokens (2.8 vs 4.6 ms: the split schedule is bound by host
-# launch work there), split at 32,768 (5.7 vs 7.5 ms) and 131,072 (15.7 vs 28.6 ms). 16,384 was not measured.
+# ``auto`` picks split from this length on, inline below. Measured on an H100 (16 heads × 64, window ±256, 8 heads
+# dilated ×4, 16 globals, fwd+bwd bf16, all heads in one call): inline is faster at 8,192 tokens (1.40 vs 1.78 ms),
+# split at 32,768 (3.11 vs 4.90 ms) and 131,072 (11.5 vs 19.2 ms). 16,384 was not measured.
 SPLIT_FROM_LENGTH = 16384
 
 
