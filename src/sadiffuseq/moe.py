@@ -205,6 +205,24 @@ class _GatherPairs(torch.autograd.Function):
         return slots.view(ctx.n, ctx.k, -1).sum(1), None, None
 
 
+# A ones column, padded with zeros so that rows stay a multiple of 16 bytes wide (``torch._grouped_mm`` needs it).
+ONES_PAD = 8
+
+
+def with_ones_column(x: torch.Tensor) -> torch.Tensor:
+    """(M, K) -> (M, K + ONES_PAD): ``[x, 1, 0, …, 0]``, so that ``with_ones_column(x) @ bias_as_row(w, b)`` is
+    ``x @ w + b``."""
+    return torch.cat([x, x.new_ones(x.shape[0], 1), x.new_zeros(x.shape[0], ONES_PAD - 1)], dim=1)
+
+
+def bias_as_row(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(E, K, H) weights and (E, H) biases -> (E, K + ONES_PAD, H): each expert's bias as an extra row of its
+    weight. The bias is then added inside the matmul (fp32 accumulation) and its gradient comes out of the weight
+    gradient, instead of an (M, H) bias tensor gathered row by row and a separate reduction for its gradient."""
+    pad = w.new_zeros(w.shape[0], ONES_PAD - 1, w.shape[2])
+    return torch.cat([w, b[:, None, :].to(w.dtype), pad], dim=1)
+
+
 def experts_forward(
     x: torch.Tensor,
     expert: torch.Tensor,
@@ -212,11 +230,12 @@ def experts_forward(
     w_up: torch.Tensor,
     b_up: torch.Tensor,
     w_down: torch.Tensor,
-    b_down: torch.Tensor,
+    b_down: torch.Tensor | None,
     impl: str,
 ) -> torch.Tensor:
     """``GELU(x W_up[e] + b_up[e]) W_down[e] + b_down[e]`` for rows x (M, d) sorted by expert ``expert`` (M,)
-    (``counts[e]`` rows of expert e, contiguous)."""
+    (``counts[e]`` rows of expert e, contiguous). ``x`` may already carry :func:`with_ones_column`; with
+    ``b_down=None`` the down projection's bias is left to the caller (the layer adds it gate-weighted per token)."""
     if impl == "grouped":
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         mm = lambda a, b: grouped_matmul(a, b, offsets)  # noqa: E731
@@ -225,8 +244,11 @@ def experts_forward(
         mm = lambda a, b: loop_matmul(a, b, sizes)  # noqa: E731
     else:
         raise ValueError(f"unknown expert matmul implementation {impl!r}")
-    h = F.gelu(_SegmentBias.apply(mm(x, w_up), b_up, counts, expert))
-    return _SegmentBias.apply(mm(h, w_down), b_down, counts, expert)
+    if x.shape[1] == w_up.shape[1]:
+        x = with_ones_column(x)
+    h = F.gelu(mm(x, bias_as_row(w_up, b_up)))
+    y = mm(h, w_down)
+    return y if b_down is None else _SegmentBias.apply(y, b_down, counts, expert)
 
 
 _GROUPED_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
@@ -359,21 +381,28 @@ class MoEFFN(nn.Module):
         impl = self.resolve_impl(x.device, dtype) if disp.pair.numel() else "loop"
         with torch.autocast(dev, enabled=False):
             ys = experts_forward(
-                _GatherPairs.apply(flat.to(dtype), disp.pair, self.top_k),
+                _GatherPairs.apply(with_ones_column(flat.to(dtype)), disp.pair, self.top_k),
                 disp.expert,
                 disp.counts,
                 self.w_up.to(dtype),
                 self.b_up.to(dtype),
                 self.w_down.to(dtype),
-                self.b_down.to(dtype),
+                None,
                 impl,
             )
+            gates = r.gates.to(dtype)
+            if cap is not None:  # a dropped pair contributes nothing, its expert's bias included
+                kept = torch.zeros(n * self.top_k, dtype=dtype, device=x.device).index_fill_(0, disp.pair, 1)
+                gates = gates * kept.view(n, self.top_k)
             # Back to (token, slot) order — pair indices are unique, so a copy rather than atomic adds — then
             # each token's k outputs weighted by its gates (dropped pairs are zero rows). In the compute dtype:
             # the sum over the k slots accumulates in fp32 inside the reduction, and an fp32 copy of the
             # (N, k, d) slots would double the memory traffic of the combine and of its backward.
             slots = torch.index_copy(ys.new_zeros(n * self.top_k, d), 0, disp.pair, ys).view(n, self.top_k, d)
-            y = (slots * r.gates.to(dtype)[..., None]).sum(1)
+            y = (slots * gates[..., None]).sum(1)
+            # The down projections' biases: Σ_k g_k b_down[e_k] = (N × E gate matrix) · b_down, one small matmul.
+            gate_matrix = torch.zeros(n, self.n_experts, dtype=dtype, device=x.device).scatter(1, r.experts, gates)
+            y = y + gate_matrix @ self.b_down.to(dtype)
         if self.shared is not None:
             y = y + self.shared(flat)
 
