@@ -27,8 +27,10 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
   the sorted rows, or — where that kernel is missing or does not support the dtype/device/shape — one matmul
   per expert over its contiguous slice (the same numbers). Results are copied back to (token, slot) order and
   weighted by the gates (the sum over the k slots accumulates in fp32). Nothing in the forward or backward
-  uses atomic adds: the bias gradients are one small one-hot matmul, and the input gradient is gathered per
-  pair, then summed over each token's k slots.
+  uses atomic adds: the up projection's bias is an extra row of each expert's weight, met by a ones column of
+  the rows (so it is added inside the matmul and its gradient is part of the weight's); the down projection's
+  bias is added per token after the combine, as the (N × E) gate matrix times the (E × d) biases; the input
+  gradient is gathered per pair, then summed over each token's k slots.
 * **Capacity** (``moe_capacity_factor = c > 0``): each expert keeps at most ``ceil(c · N · k / E)`` pairs, in
   token order (earlier positions first); the rest are dropped (that expert contributes nothing to that token;
   the remaining gates are *not* renormalised) and counted in the statistics.
