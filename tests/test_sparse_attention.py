@@ -202,6 +202,25 @@ def test_flex_path_matches_dense_including_gradients(case, schedule, monkeypatch
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("schedule", ["inline", "split"])
+def test_flex_runs_every_head_of_a_layer_in_one_kernel_call(schedule, monkeypatch):
+    """Mixed dilations (interleaved heads) must not fall back to one call per group of heads: the kernel sees all
+    heads at once, each head's BlockMask row following its own dilation."""
+    from sadiffuseq.attention import backends
+
+    calls = []
+
+    def counting_flex(q, k, v, block_mask, return_lse=False):
+        calls.append(q.shape)
+        return _dense_flex(q, k, v, block_mask, return_lse)
+
+    monkeypatch.setattr(backends, "_flex", counting_flex)
+    case = (300, 4, 5, [4, 1, 2, 1], 3, 0, False)
+    out = _out_and_grads(case, "flex", schedule=schedule)[0]
+    assert calls == [torch.Size([2, 4, 300, 8])]
+    assert torch.allclose(out, _out_and_grads(case, "dense")[0], atol=2e-5)
+
+
 def test_split_epilogue_by_hand_with_documents():
     """Four positions, one global token (position 0), documents [0, 0, 1, 1], chunks of 2 positions. Rows 2 and 3
     see no global key (it is in another document): the merge must return their band output unchanged, not NaN.
