@@ -6,11 +6,10 @@
 * our band kernel (every head on its own token order, no globals) with its log-sum-exp;
 * the whole pattern under each global-token schedule, as the model runs it (``flex_attention``);
 * with ``--autotune``: the split schedule compiled with ``max-autotune-no-cudagraphs`` (Triton configs searched);
-  ``--cudagraphs``: split and inline compiled with ``reduce-overhead`` (CUDA graphs); ``--cpp-wrapper``: split
-  with Inductor's C++ launcher.
+  ``--cudagraphs``: split and inline compiled with ``reduce-overhead`` (CUDA graphs).
 
 Then a profiler table of the split schedule's CUDA kernels (forward + backward, 5 steps).
-Usage: python3 scripts/gpu_attention_diag.py [LENGTH] [--autotune] [--cudagraphs] [--cpp-wrapper]
+Usage: python3 scripts/gpu_attention_diag.py [LENGTH] [--autotune] [--cudagraphs]
 """
 
 import sys
@@ -68,8 +67,6 @@ if "--autotune" in sys.argv:
 if "--cudagraphs" in sys.argv:  # the host launches one graph per pass instead of every kernel
     variant("whole pattern, split, CUDA graphs", "split", mode="reduce-overhead")
     variant("whole pattern, inline, CUDA graphs", "inline", mode="reduce-overhead")
-if "--cpp-wrapper" in sys.argv:  # kernels launched from generated C++ rather than Python
-    variant("whole pattern, split, C++ wrapper", "split", options={"cpp_wrapper": True})
 
 print(f"L={L}, H={H}, hd={hd}, dilations {dilations}, window ±{w}, {G} globals, bf16")
 print(f"{'variant':<44}{'density':>9}{'fwd ms':>9}{'fwd+bwd ms':>12}")
