@@ -72,20 +72,22 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask, dynamic=False)
 
 
-def block_mask_for(heads: HeadLayouts, length: int, doc_ids=None, band_only: bool = False):
+def block_mask_for(heads: HeadLayouts, length: int, docs=None, band_only: bool = False):
     """The BlockMask of every head on its permuted sequence (cached on ``heads`` unless documents make it
-    batch-specific). ``band_only``: the window/dilated band without the global rows and columns (``split``)."""
+    batch-specific). ``docs``: (B, H, L) from :func:`patterns.permuted_docs`, or None. ``band_only``: the
+    window/dilated band without the global rows and columns (``split``)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    if docs is None and band_only in heads.block_masks:
+        return heads.block_masks[band_only]
     device = heads.pos.device
-    mod = patterns.heads_mask_mod(heads, doc_ids, with_globals=not band_only)
+    mod = patterns.heads_mask_mod(heads, docs, with_globals=not band_only)
     make = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
     # heads that share one pattern share one row of the mask (H=None broadcasts it over the heads)
     n_heads = None if len({id(lay) for lay in heads.layouts}) == 1 else len(heads.layouts)
-    if doc_ids is not None:
-        return make(mod, doc_ids.shape[0], n_heads, length, length, device=device)
-    if band_only not in heads.block_masks:
-        heads.block_masks[band_only] = make(mod, None, n_heads, length, length, device=device)
+    if docs is not None:
+        return make(mod, docs.shape[0], n_heads, length, length, device=device)
+    heads.block_masks[band_only] = make(mod, None, n_heads, length, length, device=device)
     return heads.block_masks[band_only]
 
 
@@ -141,10 +143,10 @@ def flex_attention(q, k, v, heads: HeadLayouts, doc_ids=None, schedule: str = "a
     """
     length = q.shape[2]
     split = resolve_schedule(schedule, length) == "split" and heads.n_global > 0
-    block_mask = block_mask_for(heads, length, doc_ids, band_only=split)
-    docs = patterns.permuted_docs(heads, doc_ids) if split and doc_ids is not None else None
+    docs = None if doc_ids is None else patterns.permuted_docs(heads, doc_ids)
+    block_mask = block_mask_for(heads, length, docs, band_only=split)
     run = _compiled_all_heads(resolve_compile_mode(compile_mode, length)) if q.device.type == "cuda" else _all_heads
-    return run(q, k, v, heads.perm, heads.inv, block_mask, heads.n_global if split else 0, docs)
+    return run(q, k, v, heads.perm, heads.inv, block_mask, heads.n_global if split else 0, docs if split else None)
 
 
 def _all_heads(q, k, v, perm, inv, block_mask, n_global: int, docs=None):

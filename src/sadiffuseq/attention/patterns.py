@@ -145,39 +145,14 @@ def make_layout(is_global: torch.Tensor, dilation: int) -> Layout:
     return Layout(perm, inv, len(globals_), dilation, tuple(starts), identity)
 
 
-def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None, with_globals: bool = True):
-    """The head pattern in *permuted* indices (for kernels that run on the permuted sequence).
-
-    ``with_globals=False`` leaves out the global rows and columns: the band alone, for kernels that handle the
-    global tokens separately.
-
-    Written for the GPU kernel that evaluates it on every partially filled tile: int32 table lookups and
-    comparisons only (64-bit division and modulo are slow on GPUs), and no lookups at all in the common
-    undilated case where the permutation is the identity.
-    """
-    n_global, span = layout.n_global, w * layout.dilation
-    if layout.identity and layout.dilation == 1:
-
-        def local(q, k):
-            return (q - k).abs() <= span
-
-    else:
-        pos = layout.perm.to(torch.int32)
-        cls = (layout.perm % layout.dilation).to(torch.int32)
-
-        def local(q, k):
-            return (cls[q] == cls[k]) & ((pos[q] - pos[k]).abs() <= span)
-
-    docs = None if doc_ids is None else doc_ids[:, layout.perm].to(torch.int32)
+def layout_mask_mod(layout: Layout, w: int, doc_ids: torch.Tensor | None = None):
+    """One layout's pattern in *permuted* indices, whatever the head: :func:`heads_mask_mod` for a single head.
+    ``doc_ids`` (B, L) in original order."""
+    heads = stack_layouts([layout], w)
+    mod = heads_mask_mod(heads, None if doc_ids is None else permuted_docs(heads, doc_ids))
 
     def mask_mod(b, h, q, k):
-        if with_globals:
-            out = local(q, k) | (q < n_global) | (k < n_global)
-        else:
-            out = local(q, k) & (q >= n_global) & (k >= n_global)
-        if docs is not None:
-            out = out & (docs[b, q] == docs[b, k])
-        return out
+        return mod(b, torch.zeros_like(h), q, k)
 
     return mask_mod
 
@@ -220,11 +195,15 @@ def stack_layouts(layouts: list[Layout], window: int) -> HeadLayouts:
     return HeadLayouts(tuple(layouts), window, perm, inv, pos, cls, span, n_global.pop(), plain)
 
 
-def heads_mask_mod(heads: HeadLayouts, doc_ids: torch.Tensor | None = None, with_globals: bool = True):
-    """The pattern of every head in its *permuted* indices: :func:`layout_mask_mod` with the head's own layout.
+def heads_mask_mod(heads: HeadLayouts, docs: torch.Tensor | None = None, with_globals: bool = True):
+    """The pattern of every head in its *permuted* indices (for kernels that run on the permuted sequences).
 
-    ``doc_ids`` (B, L) in original order. The lookups are int32 (64-bit division and modulo are slow on GPUs) and
-    left out entirely when no head is dilated or reordered.
+    ``docs``: (B, H, L) document ids in each head's order (:func:`permuted_docs`), or None. ``with_globals=False``
+    leaves out the global rows and columns: the band alone, for kernels that handle the global tokens separately.
+
+    Written for the GPU kernel that evaluates it on every partially filled tile: int32 table lookups and
+    comparisons only (64-bit division and modulo are slow on GPUs), and no lookups at all when no head is dilated
+    or reordered.
     """
     n_global, pos, cls, span, w = heads.n_global, heads.pos, heads.cls, heads.span, heads.window
     if heads.plain:
@@ -236,8 +215,6 @@ def heads_mask_mod(heads: HeadLayouts, doc_ids: torch.Tensor | None = None, with
 
         def local(h, q, k):
             return (cls[h, q] == cls[h, k]) & ((pos[h, q] - pos[h, k]).abs() <= span[h])
-
-    docs = None if doc_ids is None else permuted_docs(heads, doc_ids)
 
     def mask_mod(b, h, q, k):
         if with_globals:
