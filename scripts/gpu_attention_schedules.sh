@@ -8,7 +8,8 @@
 #   PART=model bash scripts/gpu_attention_schedules.sh   # compiled base-size training step at 32k, dense vs sparse
 #   PART=moe bash scripts/gpu_attention_schedules.sh     # bench moe at 8k/32k, eager and compiled
 # env: TESTS (pytest -k expression), LENGTHS, SCHEDULES (bench attention, default inline,split), DIAG_LENGTH,
-# DIAG_FLAGS (e.g. "--autotune --cudagraphs"), MODEL_SCHEDULE (PART=model, default auto), OUT. Everything lands in $OUT/attention-$PART.tgz.
+# DIAG_FLAGS (e.g. "--autotune --cudagraphs"), MODEL_SCHEDULE (PART=model, default auto), MOE_MODES and
+# PROFILE_TOKENS (PART=moe), OUT. Everything lands in $OUT/attention-$PART.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -47,8 +48,15 @@ case "$PART" in
         --model.dilations=[1,1,1,1,1,1,4,4,4,4,4,4] --model.window=256 --model.global_first=16 \
         --out "$work" > "$work/model.log" 2>&1; tail -4 "$work/model.log" ;;
   moe)  # not attention, but short enough to share a call: the MoE layer against the dense FFN, eager and compiled
-    python3 -m sadiffuseq bench moe --lengths 8192,32768 --reps 30 --out "$work/eager" 2>&1 | tail -3
-    python3 -m sadiffuseq bench moe --lengths 8192,32768 --reps 30 --compile --out "$work/compiled" 2>&1 | tail -3 ;;
+    timeout $T python3 -m sadiffuseq bench moe --lengths 8192,32768 --reps 30 --out "$work/eager" 2>&1 | tail -3
+    for mode in ${MOE_MODES:-default}; do  # torch.compile modes of both layers, e.g. "default reduce-overhead"
+      timeout $T python3 -m sadiffuseq bench moe --lengths 8192,32768 --reps 30 --compile $mode --out "$work/$mode" \
+          > "$work/$mode.log" 2>&1; tail -3 "$work/$mode.log"
+    done
+    for n in ${PROFILE_TOKENS:-}; do  # kernel tables of the compiled layers, e.g. PROFILE_TOKENS="8192 32768"
+      timeout $T python3 scripts/gpu_moe_profile.py $n --compile default > "$work/profile-$n.txt" 2>&1
+      grep "GPU time per step" "$work/profile-$n.txt"
+    done ;;
   *) echo "unknown PART=$PART (kernel, modes, diag, model or moe)"; exit 2 ;;
 esac
 stamp "done"

@@ -1,10 +1,10 @@
 """Where does the MoE layer's time go? Profiles forward+backward of one MoE feed-forward and of the dense FFN of
 the same active FLOPs on the GPU (bf16 autocast) and prints the kernels that take the most GPU time.
 
-Usage: python3 scripts/gpu_moe_profile.py [TOKENS]   (default 32768)
+Usage: python3 scripts/gpu_moe_profile.py [TOKENS] [--compile MODE]   (default 32768 tokens, eager)
 """
 
-import sys
+import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -13,24 +13,39 @@ from sadiffuseq.config import ModelConfig
 from sadiffuseq.model import DenseFFN
 from sadiffuseq.moe import MoEFFN
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
+parser = argparse.ArgumentParser()
+parser.add_argument("tokens", type=int, nargs="?", default=32768)
+parser.add_argument("--compile", default="", help="torch.compile mode for both layers (default: eager)")
+parser.add_argument("--steps", type=int, default=5)
+args = parser.parse_args()
+N, steps = args.tokens, args.steps
 cfg = ModelConfig(d_model=768, ffn="moe", moe_experts=8, moe_top_k=2)
 dev = torch.device("cuda")
 for name, layer in (("dense", DenseFFN(cfg)), ("moe", MoEFFN(cfg))):
     layer = layer.to(dev).train()
+    options = {"mode": args.compile} if args.compile not in ("", "default") else {}
+    fn = layer
+    if args.compile:  # as a compiled model runs them
+        fn = layer.compile_routed(**options) if name == "moe" else torch.compile(layer, **options)
     x = torch.randn(1, N, 768, device=dev, requires_grad=True)
+    grad = torch.randn(1, N, 768, device=dev)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = layer(x)
-        y.float().square().mean().backward()
+            y = fn(x)
+        y.backward(grad.to(y.dtype))
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    print(f"=== {name}, {N} tokens, 5 steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.self_device_time_total for e in kernels) / steps
+    print(f"=== {name}, {N} tokens, compile={args.compile or 'eager'}: {gpu_us / 1000:.3f} ms of GPU time per step")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))

@@ -49,7 +49,7 @@ def test_denoiser_shapes_and_tied_head():
 
 def test_compiled_blocks_match_eager_model_and_keep_parameter_names():
     """Regional compilation (train.compile) changes speed, not numbers or checkpoint keys: sparse attention and
-    MoE, whose kernels stay outside the compiled graphs, against the same model run eagerly."""
+    MoE (a compiled graph of its own, called from the block's), against the same model run eagerly."""
     import copy
 
     cfg = ModelConfig(d_model=32, n_heads=2, n_layers=2, d_emb=8, attention="sparse", window=4, dilations=[1, 2],
@@ -67,3 +67,5 @@ def test_compiled_blocks_match_eager_model_and_keep_parameter_names():
         assert name == name_c
         torch.testing.assert_close(p_c.grad, p.grad, rtol=1e-4, atol=1e-5)
     assert list(compiled.state_dict()) == list(eager.state_dict())
+    moe = compiled.blocks[1].ffn
+    assert moe._compiled is not None and moe.last_aux and eager.blocks[1].ffn._compiled is None

@@ -19,6 +19,7 @@ from sadiffuseq.moe import (
     experts_forward,
     grouped_mm_supported,
     loop_matmul,
+    top_k_indices,
 )
 
 from conftest import tiny_overrides
@@ -49,15 +50,19 @@ def moe_cfg(**kw) -> ModelConfig:
     return cfg
 
 
-def reference_moe(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
-    """Token by token: softmax over the router logits, the top-k experts, their gate-weighted FFN outputs."""
-    outs = []
+def reference_moe(moe: MoEFFN, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+    """Token by token: softmax over the router logits, the top-k experts, their gate-weighted FFN outputs. With a
+    capacity, each expert serves the first ``capacity`` tokens (in token order) that chose it."""
+    outs, served = [], [0] * moe.n_experts
     for xn in x:
         p = torch.softmax(moe.router.weight @ xn, -1)
         top = torch.topk(p, moe.top_k).indices
         g = p[top] / p[top].sum() if moe.top_k > 1 else p[top]
         y = torch.zeros_like(xn)
         for gate, e in zip(g, top.tolist()):
+            served[e] += 1
+            if capacity is not None and served[e] > capacity:
+                continue
             y = y + gate * (F.gelu(xn @ moe.w_up[e] + moe.b_up[e]) @ moe.w_down[e] + moe.b_down[e])
         if moe.shared is not None:
             y = y + moe.shared(xn)
@@ -79,7 +84,18 @@ def test_dispatch_sorts_pairs_by_expert_in_token_order():
     capped = dispatch(experts, 5, capacity=2)  # experts 0 and 2 lose their last pair (tokens 3 and 3)
     assert capped.token.tolist() == [0, 1, 1, 0, 2, 2] and capped.counts.tolist() == [2, 1, 2, 1, 0]
     assert int(capped.dropped) == 2
+    # slot inverts pair: every kept pair finds its own sorted row; dropped pairs are marked
+    assert torch.equal(d.pair[d.slot], torch.arange(8)) and d.kept is None
+    assert capped.kept.tolist() == [True, True, True, True, True, True, False, False]
+    assert torch.equal(capped.pair[capped.slot[capped.kept]], torch.arange(8)[capped.kept])
     assert capacity_of(0.0, 10, 2, 4) is None and capacity_of(1.0, 10, 2, 4) == 5 and capacity_of(1.25, 10, 2, 4) == 7
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_top_k_indices_are_torch_topk_indices(k):
+    scores = torch.randn(50, 8, generator=torch.Generator().manual_seed(k))
+    assert torch.equal(top_k_indices(scores, k), scores.topk(k, dim=-1).indices)
+    assert top_k_indices(torch.tensor([[0.1, 0.7, 0.2]]), 2).tolist() == [[1, 2]]
 
 
 def _sorted_problem(seed=0, counts=(5, 0, 9, 3), d=16, h=32):
@@ -143,6 +159,24 @@ def test_moe_equals_the_per_token_reference_and_drops_nothing(impl, top_k, share
     assert int(stats["dropped"]) == 0 and (y.abs().sum(-1) > 0).all()
     assert math.isclose(float(stats["load"].sum()), 1.0, rel_tol=1e-6)
     assert 0 < float(stats["entropy"]) <= math.log(4) + 1e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.6])
+def test_moe_gradients_equal_the_per_token_reference(impl, capacity_factor):
+    torch.manual_seed(1)
+    moe = MoEFFN(moe_cfg(moe_impl=impl, moe_capacity_factor=capacity_factor))
+    x = torch.randn(30, 16, requires_grad=True)
+    weights = torch.randn(30, 16)
+    grads = []
+    for forward in (moe, lambda t: reference_moe(moe, t, capacity_of(capacity_factor, 30, 2, 4))):
+        (forward(x) * weights).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in moe.parameters()])
+        x.grad = None
+        moe.zero_grad()
+    assert (int(moe.last_stats["dropped"]) > 0) == (capacity_factor > 0)
+    for (name, _), a, b in zip([("x", None), *moe.named_parameters()], *grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
 
 
 @needs_grouped
@@ -345,3 +379,17 @@ def test_tiny_moe_training_logs_expert_load_and_reloads(tmp_path):
     assert model.blocks[1].ffn.route_bias.abs().sum() > 0
     out = model(torch.randn(2, 10, cfg.model.d_emb), torch.tensor([1, 50]))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not grouped_mm_supported(CPU, torch.bfloat16), reason="no bf16 torch._grouped_mm on this CPU torch")
+def test_dropless_layer_compiles_to_one_graph_without_host_syncs():
+    """Dropless dispatch has static shapes and no data-dependent sizes (no bincount, no boolean indexing), so
+    ``torch.compile`` captures the whole layer, forward and backward, as one graph: no graph breaks, and no
+    device-to-host sync that would stall the GPU behind the CPU in the middle of the layer."""
+    torch._dynamo.reset()
+    moe = MoEFFN(moe_cfg(d_model=64, moe_experts=8)).train()
+    x = torch.randn(1, 96, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe.resolve_impl(CPU, torch.bfloat16, traced=True) == "grouped"
+        explained = torch._dynamo.explain(moe.routed_forward)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

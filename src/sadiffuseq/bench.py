@@ -242,8 +242,8 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     gate weighting, so ``moe_tflops`` is a *lower bound* of the rate of the expert matmuls themselves.
 
     ``compile``: both layers through ``torch.compile`` (a mode name, e.g. ``"reduce-overhead"`` for CUDA graphs, or
-    ``"default"``/True; the MoE layer's :meth:`~sadiffuseq.moe.MoEFFN.routed_forward`,
-    which fuses the routing, bias, GELU and gate elementwise work around the grouped matmuls).
+    ``"default"``/True; the MoE layer through :meth:`~sadiffuseq.moe.MoEFFN.compile_routed`, as a compiled model
+    runs it: one graph that fuses the routing, gathers, GELU and gate-weighted combine around the grouped matmuls).
     """
     from sadiffuseq.model import DenseFFN
     from sadiffuseq.moe import MoEFFN, expert_hidden
@@ -262,10 +262,10 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     moe = MoEFFN(cfg).to(dev).train()
     dense_width, hidden = dense.up.out_features, expert_hidden(cfg)
     dtype = torch.bfloat16 if on_cuda else torch.float32
-    impl_used = moe.resolve_impl(dev, dtype)
+    impl_used = moe.resolve_impl(dev, dtype, traced=bool(compile))
     options = _compile_options(compile)
     dense_fn = torch.compile(dense, **options) if compile else dense
-    moe_fn = torch.compile(moe.routed_forward, **options) if compile else moe
+    moe_fn = moe.compile_routed(**options) if compile else moe
     bias_before = None if moe.route_bias is None else moe.route_bias.detach().clone()
 
     def fwd_bwd(module, layer, x, grad):

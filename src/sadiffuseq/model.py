@@ -172,12 +172,14 @@ class Denoiser(nn.Module):
     def compile_blocks(self, **compile_options) -> "Denoiser":
         """Compile each transformer block in place (regional compilation, as torchtitan does): one compiled
         graph serves every layer of equal configuration, compile time stays small, and parameter names are
-        unchanged, so checkpoints do not depend on it. The sparse attention kernels (compiled on their own) and
-        the MoE dispatch (data-dependent shapes) stay outside the graphs; what gets fused is the rest of the
-        block — LayerNorms, projections, rotary embedding, GELU, residuals — which at 32k tokens costs more than
+        unchanged, so checkpoints do not depend on it. The sparse attention kernels and the MoE layers are
+        compiled as graphs of their own (one each, called from the blocks'); what the blocks' graphs fuse is the
+        rest — LayerNorms, projections, rotary embedding, GELU, residuals — which at 32k tokens costs more than
         the sparse attention itself."""
         for block in self.blocks:
             block.compile(**compile_options)  # options of torch.compile, e.g. backend or mode
+        for moe in self.moe_modules():
+            moe.compile_routed(**compile_options)
         return self
 
     def num_parameters(self) -> int:

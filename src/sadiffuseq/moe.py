@@ -95,11 +95,23 @@ def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, bias: torch.Tensor 
         logits = F.linear(x.float(), weight.float())
     probs = logits.softmax(-1)
     scores = probs if bias is None else probs + bias.detach().float()
-    experts = scores.topk(top_k, dim=-1).indices
+    experts = top_k_indices(scores, top_k)
     gates = probs.gather(-1, experts)
     if top_k > 1:
         gates = gates / gates.sum(-1, keepdim=True)
     return Routing(logits, probs, experts, gates)
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the k largest entries of each row, largest first: the indices of ``torch.topk``, as k rounds of
+    argmax. Under ``torch.compile`` the rounds fuse with the softmax into the router's one kernel, where
+    ``torch.topk`` is a separate sort-based kernel (2 % of the layer's GPU time at 32k tokens, 8 experts)."""
+    picks = []
+    for _ in range(k):
+        best = scores.argmax(-1, keepdim=True)
+        picks.append(best)
+        scores = scores.scatter(-1, best, float("-inf"))
+    return torch.cat(picks, -1)
 
 
 @dataclass
@@ -107,6 +119,8 @@ class Dispatch:
     pair: torch.Tensor  # (M,) index into the flattened (N·k) pairs, sorted by expert; kept pairs only
     token: torch.Tensor  # (M,) the token of each sorted pair
     expert: torch.Tensor  # (M,) the expert of each sorted pair (non-decreasing)
+    slot: torch.Tensor  # (N·k,) the inverse of ``pair``: the sorted row holding each pair's result (dropped: 0)
+    kept: torch.Tensor | None  # (N·k,) bool, False for pairs dropped by a capacity; None when dropless
     routed: torch.Tensor  # (E,) pairs routed to each expert (before any capacity drop)
     counts: torch.Tensor  # (E,) pairs each expert computes (after the capacity drop)
     dropped: torch.Tensor  # () number of dropped pairs
@@ -120,21 +134,85 @@ def capacity_of(capacity_factor: float, n_tokens: int, top_k: int, n_experts: in
 
 
 def dispatch(experts: torch.Tensor, n_experts: int, capacity: int | None = None) -> Dispatch:
-    """Sort the (token, expert) pairs by expert (stable: token order within an expert); apply the capacity."""
+    """Sort the (token, expert) pairs by expert (stable: token order within an expert); apply the capacity.
+
+    Dropless, every shape is static and nothing waits for the device: the per-expert counts are a one-hot sum
+    (``torch.bincount`` would size its output from the data, a host sync and a graph break under
+    ``torch.compile``), and ``slot`` is the inverse permutation of ``pair``. A capacity keeps a data-dependent
+    number of pairs."""
     n_tokens, k = experts.shape
     flat = experts.reshape(-1)
-    pair = torch.argsort(flat, stable=True)
+    positions = torch.arange(flat.numel(), device=flat.device)
+    # Sorting 8-bit keys is one radix pass instead of eight for int64 (the order, stable, is the same).
+    keys = flat.to(torch.uint8) if n_experts <= 256 else flat
+    pair = torch.argsort(keys, stable=True)
     expert = flat[pair]
-    routed = torch.bincount(flat, minlength=n_experts)
-    counts, dropped = routed, torch.zeros((), dtype=torch.long, device=flat.device)
+    routed = (flat[:, None] == torch.arange(n_experts, device=flat.device)).sum(0)
+    counts, dropped, kept = routed, torch.zeros((), dtype=torch.long, device=flat.device), None
     if capacity is not None:
         starts = torch.cumsum(routed, 0) - routed
-        rank = torch.arange(flat.numel(), device=flat.device) - starts[expert]
-        keep = rank < capacity
+        keep = positions - starts[expert] < capacity
         pair, expert = pair[keep], expert[keep]
         counts = routed.clamp(max=capacity)
         dropped = (routed - counts).sum()
-    return Dispatch(pair, torch.div(pair, k, rounding_mode="floor"), expert, routed, counts, dropped)
+        kept = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, pair, True)
+    slot = torch.zeros_like(flat).scatter_(0, pair, positions[: pair.numel()])
+    return Dispatch(pair, torch.div(pair, k, rounding_mode="floor"), expert, slot, kept, routed, counts, dropped)
+
+
+def _pairs_of_tokens(rows: torch.Tensor, slot: torch.Tensor, kept: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Sorted rows (M, w) back in (token, slot) order, (N, k, w); a dropped pair's row is zero."""
+    out = rows.index_select(0, slot).view(-1, k, rows.shape[1])
+    return out if kept is None else out * kept.view(-1, k, 1).to(out.dtype)
+
+
+class _GatherPairs(torch.autograd.Function):
+    """Rows of x (N, w) for the sorted token–expert pairs: ``x[token]``, (M, w).
+
+    Backward without atomics (autograd's would scatter-add every row into its token): each token gathers its k
+    pairs' gradients through ``slot`` and sums them; dropped pairs (``kept`` False) contribute nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token, slot, kept, k: int):
+        ctx.save_for_backward(slot, kept)
+        ctx.k = k
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad):
+        slot, kept = ctx.saved_tensors
+        return _pairs_of_tokens(grad, slot, kept, ctx.k).sum(1), None, None, None, None
+
+
+class _CombinePairs(torch.autograd.Function):
+    """``y[n] = Σ_j gates[n, j] · (rows[slot(n, j)] + bias[experts[n, j]])``: each token's k expert outputs (sorted
+    rows, (M, d)) plus their experts' down-projection biases, gate-weighted, back in token order, (N, d).
+
+    One gather-and-reduce each way, no atomics and no (N·k, d) buffer of zeros: the rows' gradient is gathered
+    per sorted row from its token (``gate · grad_y[token]``), the gates' gradient is a dot product per pair, the
+    bias gradient one (E × N)(N × d) product of the gate matrix. Dropped pairs must carry a zero gate.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, gates, bias, experts, pair, token, slot, kept):
+        ctx.save_for_backward(rows, gates, bias, experts, pair, token, slot, kept)
+        return _CombinePairs.outputs(rows, gates, bias, experts, slot, kept).mul(gates[..., None]).sum(1)
+
+    @staticmethod
+    def outputs(rows, gates, bias, experts, slot, kept):
+        n, k = gates.shape
+        return _pairs_of_tokens(rows, slot, kept, k) + bias.index_select(0, experts.view(-1)).view(n, k, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, gates, bias, experts, pair, token, slot, kept = ctx.saved_tensors
+        grad_rows = grad.index_select(0, token) * gates.view(-1).index_select(0, pair)[:, None]
+        outs = _CombinePairs.outputs(rows, gates, bias, experts, slot, kept)
+        grad_gates = (outs * grad[:, None, :]).sum(-1)
+        gate_matrix = torch.zeros(gates.shape[0], bias.shape[0], dtype=grad.dtype, device=grad.device)
+        gate_matrix = gate_matrix.scatter(1, experts, gates)
+        return grad_rows, grad_gates, gate_matrix.t() @ grad, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,26 +263,6 @@ class _SegmentBias(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bias = F.one_hot(expert, ctx.n_experts).to(grad.dtype).t() @ grad
         return grad, grad_bias, None, None
-
-
-class _GatherPairs(torch.autograd.Function):
-    """Rows of x (N, d) for the sorted token–expert pairs: ``x[pair // k]``.
-
-    Backward without atomics: each pair's gradient is written to its own slot of an (N, k, d) buffer (pair
-    indices are unique) and the k slots of a token are summed; pairs dropped by a capacity leave zeros.
-    """
-
-    @staticmethod
-    def forward(ctx, x, pair, k):
-        ctx.save_for_backward(pair)
-        ctx.k, ctx.n = k, x.shape[0]
-        return x.index_select(0, torch.div(pair, k, rounding_mode="floor"))
-
-    @staticmethod
-    def backward(ctx, grad):
-        (pair,) = ctx.saved_tensors
-        slots = grad.new_zeros(ctx.n * ctx.k, grad.shape[1]).index_copy_(0, pair, grad)
-        return slots.view(ctx.n, ctx.k, -1).sum(1), None, None
 
 
 # A ones column, padded with zeros so that rows stay a multiple of 16 bytes wide (``torch._grouped_mm`` needs it).
@@ -266,6 +324,21 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_SUPPORT[key]
 
 
+@torch.compiler.disable
+def grouped_mm_traceable(dtype: torch.dtype) -> bool:
+    """Whether ``torch.compile`` can trace ``torch._grouped_mm`` for this dtype: its meta function (what tracing
+    runs) may accept fewer dtypes than the eager kernels — in torch 2.13 bf16 only, where the CPU kernel also takes
+    fp32."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    a, b = torch.empty(16, 16, dtype=dtype, device="meta"), torch.empty(2, 16, 16, dtype=dtype, device="meta")
+    try:
+        torch._grouped_mm(a, b, offs=torch.empty(2, dtype=torch.int32, device="meta"))
+    except Exception:  # the meta function's dtype and shape checks
+        return False
+    return True
+
+
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -325,32 +398,35 @@ class MoEFFN(nn.Module):
             self.route_pending = nn.Parameter(torch.zeros(E), requires_grad=False)
         else:
             self.route_bias = self.route_pending = None
-        self._resolved: dict[tuple[str, torch.dtype], str] = {}
+        self._resolved: dict[tuple[str, torch.dtype, bool], str] = {}
+        self._compiled = None  # compile_routed
         self.last_aux: dict[str, torch.Tensor] = {}
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.n_experts}, top_k={self.top_k}, hidden={self.hidden}"
 
-    def resolve_impl(self, device: torch.device, dtype: torch.dtype) -> str:
-        """The expert-matmul implementation this forward uses (``model.moe_impl`` resolved; cached per device type
-        and dtype, so a compiled forward finds it without re-probing)."""
+    def resolve_impl(self, device: torch.device, dtype: torch.dtype, traced: bool = False) -> str:
+        """The expert-matmul implementation a forward uses (``model.moe_impl`` resolved; cached per device type,
+        dtype and whether the forward is being traced by ``torch.compile``, so a compiled forward finds it without
+        re-probing)."""
         if self.impl == "loop":
             return "loop"
-        key = (torch.device(device).type, dtype)
+        key = (torch.device(device).type, dtype, traced)
         if key not in self._resolved:
-            self._resolved[key] = self._resolve_impl(device, dtype)
+            self._resolved[key] = self._resolve_impl(device, dtype, traced)
         return self._resolved[key]
 
-    def _resolve_impl(self, device: torch.device, dtype: torch.dtype) -> str:
+    def _resolve_impl(self, device: torch.device, dtype: torch.dtype, traced: bool) -> str:
         ok = _aligned_for_grouped_mm(dtype, self.d_model, self.hidden) and grouped_mm_supported(device, dtype)
-        if ok:
+        if ok and (not traced or grouped_mm_traceable(dtype)):
             return "grouped"
         if self.impl == "grouped":
             raise UserError(
                 f"model.moe_impl=grouped: torch._grouped_mm (torch {torch.__version__}) is unavailable or unsupported "
                 f"for {dtype} on {torch.device(device).type} with d_model={self.d_model}, expert width={self.hidden} "
-                "(row strides must be multiples of 16 bytes); use model.moe_impl=auto or loop"
+                "(row strides must be multiples of 16 bytes)" + (", or cannot be compiled for it" if traced else "")
+                + "; use model.moe_impl=auto or loop"
             )
         return "loop"
 
@@ -363,14 +439,26 @@ class MoEFFN(nn.Module):
         self.route_bias.add_(self.bias_rate * torch.sign(c.mean() - c))  # all zero (no forward yet): no change
         c.zero_()
 
-    @torch.compiler.disable  # the model's compiled blocks leave the MoE layer eager (see routed_forward)
+    def compile_routed(self, **compile_options) -> "MoEFFN":
+        """Compile the layer (:meth:`routed_forward`) on its own, as its own graph: the model's compiled blocks
+        leave the MoE layer out of theirs (see :meth:`forward`) and call this one. Dropless, the whole layer —
+        router, top-k, dispatch, gathers, GELU, combine, forward and backward — is one graph with static shapes."""
+        self._compiled = torch.compile(self.routed_forward, **compile_options)
+        return self
+
+    # Left out of the compiled blocks' graphs: the expert-matmul probe (resolve_impl) runs kernels, which cannot be
+    # traced, and a capacity makes shapes data-dependent. The layer is compiled separately (compile_routed).
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.routed_forward(x)
+        if self._compiled is None:
+            return self.routed_forward(x)
+        dev = x.device.type
+        self.resolve_impl(x.device, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype, True)
+        return self._compiled(x)
 
     def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer itself. Dropless dispatch has static shapes (N·k pairs; the per-expert counts only enter as
-        grouped-matmul offsets), so this can be compiled on its own — ``bench moe --compile`` measures that; the
-        training path keeps it eager."""
+        """The layer itself, eager or compiled (:meth:`compile_routed`; ``bench moe --compile`` compiles this too,
+        after :meth:`resolve_impl` has run outside the graph)."""
         shape, d = x.shape, x.shape[-1]
         flat = x.reshape(-1, d)
         n = flat.shape[0]
@@ -380,31 +468,22 @@ class MoEFFN(nn.Module):
         r = route(flat, self.router.weight, self.top_k, self.route_bias)
         cap = capacity_of(self.capacity_factor, n, self.top_k, self.n_experts)
         disp = dispatch(r.experts, self.n_experts, cap)
-        impl = self.resolve_impl(x.device, dtype) if disp.pair.numel() else "loop"
+        impl = self.resolve_impl(x.device, dtype, torch.compiler.is_compiling()) if disp.pair.numel() else "loop"
         with torch.autocast(dev, enabled=False):
+            rows = _GatherPairs.apply(with_ones_column(flat.to(dtype)), disp.token, disp.slot, disp.kept, self.top_k)
             ys = experts_forward(
-                _GatherPairs.apply(with_ones_column(flat.to(dtype)), disp.pair, self.top_k),
-                disp.expert,
-                disp.counts,
-                self.w_up.to(dtype),
-                self.b_up.to(dtype),
-                self.w_down.to(dtype),
-                None,
+                rows, disp.expert, disp.counts, self.w_up.to(dtype), self.b_up.to(dtype), self.w_down.to(dtype), None,
                 impl,
             )
             gates = r.gates.to(dtype)
-            if cap is not None:  # a dropped pair contributes nothing, its expert's bias included
-                kept = torch.zeros(n * self.top_k, dtype=dtype, device=x.device).index_fill_(0, disp.pair, 1)
-                gates = gates * kept.view(n, self.top_k)
-            # Back to (token, slot) order — pair indices are unique, so a copy rather than atomic adds — then
-            # each token's k outputs weighted by its gates (dropped pairs are zero rows). In the compute dtype:
-            # the sum over the k slots accumulates in fp32 inside the reduction, and an fp32 copy of the
-            # (N, k, d) slots would double the memory traffic of the combine and of its backward.
-            slots = torch.index_copy(ys.new_zeros(n * self.top_k, d), 0, disp.pair, ys).view(n, self.top_k, d)
-            y = (slots * gates[..., None]).sum(1)
-            # The down projections' biases: Σ_k g_k b_down[e_k] = (N × E gate matrix) · b_down, one small matmul.
-            gate_matrix = torch.zeros(n, self.n_experts, dtype=dtype, device=x.device).scatter(1, r.experts, gates)
-            y = y + gate_matrix @ self.b_down.to(dtype)
+            if disp.kept is not None:  # a dropped pair contributes nothing, its expert's bias included
+                gates = gates * disp.kept.view(n, self.top_k).to(dtype)
+            # Back to token order, gate-weighted, with the down projections' biases. In the compute dtype: the sum
+            # over the k slots accumulates in fp32 inside the reduction, and fp32 copies of the (N, k, d) outputs
+            # would double the memory traffic of the combine and of its backward.
+            y = _CombinePairs.apply(
+                ys, gates, self.b_down.to(dtype), r.experts, disp.pair, disp.token, disp.slot, disp.kept
+            )
         if self.shared is not None:
             y = y + self.shared(flat)
 
