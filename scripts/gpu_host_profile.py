@@ -1,0 +1,115 @@
+"""How much of a step's wall time is the host? For the sparse attention (benchmark pattern, split and inline
+schedules, default compile) and for the compiled MoE layer and its dense FFN, forward + backward, bf16:
+
+* ``sync ms``: median wall time of one step between CUDA events with a synchronisation after every step (what
+  ``sadiffuseq bench`` reports: the GPU starts each step idle, so host time that the GPU cannot hide shows);
+* ``queued ms``: wall time per step of 20 steps queued back to back (the host runs ahead when it can: a training
+  step of many layers sees this when the host is not its bottleneck);
+* ``GPU ms``: kernel time per step from the profiler;
+* device-to-host synchronisations inside a step (``torch.cuda.set_sync_debug_mode``), and the host operators that
+  take the most CPU time.
+
+Usage: python3 scripts/gpu_host_profile.py [attention|moe] [LENGTH]
+"""
+
+import statistics
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+what = sys.argv[1] if len(sys.argv) > 1 else "attention"
+L = int(sys.argv[2]) if len(sys.argv) > 2 else (8192 if what == "attention" else 32768)
+dev = torch.device("cuda")
+
+
+def sync_ms(step, reps=30):
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def queued_ms(step, reps=20):
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        step()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def report(name, step):
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message).lower()]
+    s, qd = sync_ms(step), queued_ms(step)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 5
+    print(f"{name:32s} sync {s:7.3f} ms  queued {qd:7.3f} ms  GPU {gpu / 1000:7.3f} ms  host syncs per step {len(syncs)}")
+    for line in sorted(set(syncs)):
+        print("    sync:", line)
+    cpu_ops = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    for e in cpu_ops:
+        print(f"    host {e.self_cpu_time_total / 5 / 1000:7.3f} ms/step  {e.count // 5:4d}×  {e.key[:90]}")
+    return s, qd, gpu / 1000
+
+
+if what == "attention":
+    from sadiffuseq.attention import patterns
+    from sadiffuseq.attention.backends import flex_attention
+
+    H, hd = 16, 64
+    q, k, v = (torch.randn(1, H, L, hd, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+    heads = patterns.cached_head_layouts(L, 16, 0, (1,) * 8 + (4,) * 8, 256, dev)
+
+    def attention_step(fn):
+        def step():
+            fn().backward(g)
+            q.grad = k.grad = v.grad = None
+        return step
+
+    report("dense SDPA", attention_step(lambda: F.scaled_dot_product_attention(q, k, v)))
+    for schedule in ("inline", "split"):
+        report(f"sparse, {schedule}", attention_step(lambda: flex_attention(q, k, v, heads, schedule=schedule)))
+else:
+    from sadiffuseq.config import ModelConfig
+    from sadiffuseq.model import DenseFFN
+    from sadiffuseq.moe import MoEFFN
+
+    cfg = ModelConfig(d_model=768, ffn="moe", moe_experts=8, moe_top_k=2)
+    x = torch.randn(1, L, 768, device=dev, requires_grad=True)
+    g = torch.randn(1, L, 768, device=dev, dtype=torch.bfloat16)
+    for name, layer in (("dense FFN", DenseFFN(cfg)), ("MoE", MoEFFN(cfg))):
+        layer = layer.to(dev).train()
+        fn = layer.compile_routed() if name == "MoE" else torch.compile(layer)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fn(x)
+            y.backward(g)
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+
+        report(f"{name}, compiled, {L} tokens", step)
