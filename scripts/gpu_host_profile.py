@@ -9,7 +9,8 @@ schedules, default compile) and for the compiled MoE layer and its dense FFN, fo
 * device-to-host synchronisations inside a step (``torch.cuda.set_sync_debug_mode``), and the host operators that
   take the most CPU time.
 
-Usage: python3 scripts/gpu_host_profile.py [attention|moe] [LENGTH]
+Usage: python3 scripts/gpu_host_profile.py [attention|moe] [LENGTH] [MODE ...]
+(MODE: ``model.flex_compile`` values for the sparse attention, default ``default``.)
 """
 
 import statistics
@@ -91,8 +92,10 @@ if what == "attention":
         return step
 
     report("dense SDPA", attention_step(lambda: F.scaled_dot_product_attention(q, k, v)))
-    for schedule in ("inline", "split"):
-        report(f"sparse, {schedule}", attention_step(lambda: flex_attention(q, k, v, heads, schedule=schedule)))
+    for mode in sys.argv[3:] or ["default"]:
+        for schedule in ("inline", "split"):
+            report(f"sparse, {schedule}, {mode}",
+                   attention_step(lambda: flex_attention(q, k, v, heads, schedule=schedule, compile_mode=mode)))
 else:
     from sadiffuseq.config import ModelConfig
     from sadiffuseq.model import DenseFFN

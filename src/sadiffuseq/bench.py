@@ -1,7 +1,7 @@
 """``sadiffuseq bench``: side-by-side GPU timings, written as CSV and PNG.
 
 * ``bench attention`` — forward+backward of the attention core (after the projections) for dense SDPA
-  (FlashAttention), our sparse pattern (permuted FlexAttention under each global-token schedule: inline,
+  (the fused kernel SDPA picks: cuDNN or FlashAttention), our sparse pattern (permuted FlexAttention under each global-token schedule: inline,
   split), and optionally the *naive* FlexAttention of the same pattern (dilated mask in the original order).
   Reports block density (fraction of 128×128 tiles of the pattern visited), the ideal time density × dense,
   efficiency = ideal / sparse and the speed-up over dense, for the default schedule and for each one.
@@ -119,7 +119,7 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
     cfg = pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global, backend="flex",
                          compile_mode=compile_mode)  # checks the mode
     if not torch.cuda.is_available():
-        raise UserError("bench attention measures GPU kernels (FlexAttention, FlashAttention): it needs a CUDA GPU")
+        raise UserError("bench attention measures GPU kernels (FlexAttention, fused SDPA): it needs a CUDA GPU")
     device = torch.device("cuda")
     layer = SparseSelfAttention(cfg).to(device)
     rows = []
@@ -481,7 +481,7 @@ def _plot_attention(rows: list[dict], path: Path, cfg: ModelConfig) -> None:
 
     L = [r["length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    ax.loglog(L, [r["dense_ms"] for r in rows], "o-", label="dense SDPA (FlashAttention)")
+    ax.loglog(L, [r["dense_ms"] for r in rows], "o-", label="dense SDPA (fused kernel)")
     schedules = [s for s in GLOBAL_SCHEDULES if all(f"{s}_ms" in r for r in rows)]
     for schedule, marker in zip(schedules, "sdv"):
         ax.loglog(L, [r[f"{schedule}_ms"] for r in rows], marker + "-",
