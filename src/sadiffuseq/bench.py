@@ -1,8 +1,9 @@
 """``sadiffuseq bench``: side-by-side GPU timings, written as CSV and PNG.
 
-* ``bench attention`` — forward+backward of the attention core (after the projections) for dense SDPA
-  (the fused kernel SDPA picks: cuDNN or FlashAttention), our sparse pattern (permuted FlexAttention under each global-token schedule: inline,
-  split), and optionally the *naive* FlexAttention of the same pattern (dilated mask in the original order).
+* ``bench attention`` — forward+backward of the attention core (after the projections) for dense SDPA (the fused
+  kernel SDPA picks: cuDNN or FlashAttention), our sparse pattern (permuted FlexAttention under each global-token
+  schedule: inline, split), and optionally the *naive* FlexAttention of the same pattern (dilated mask in the
+  original order).
   Reports block density (fraction of 128×128 tiles of the pattern visited), the ideal time density × dense,
   efficiency = ideal / sparse and the speed-up over dense, for the default schedule and for each one.
 * ``bench model`` — one full training step (forward, backward, AdamW) of the denoiser with dense attention and
