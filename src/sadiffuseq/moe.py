@@ -453,7 +453,11 @@ class MoEFFN(nn.Module):
         if self._compiled is None:
             return self.routed_forward(x)
         dev = x.device.type
-        self.resolve_impl(x.device, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype, True)
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        if self.resolve_impl(x.device, dtype, traced=True) != "grouped":
+            # The loop reads the per-expert counts on the host: under torch.compile a graph break and a recompile
+            # for every new set of counts. Eager is the faster way to run it.
+            return self.routed_forward(x)
         return self._compiled(x)
 
     def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
