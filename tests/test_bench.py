@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ def test_bench_moe_on_cpu(tmp_path):
     assert [r["length"] for r in rows] == [64, 128]
     for r in rows:
         assert r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["ratio"] == pytest.approx(r["moe_ms"] / r["dense_ms"])
+        assert r["dense_queued_ms"] > 0 and r["moe_queued_ms"] > 0
+        assert r["queued_ratio"] == pytest.approx(r["moe_queued_ms"] / r["dense_queued_ms"])
         assert r["impl"] in ("grouped", "loop") and r["dtype"] == "float32"
         assert r["dense_width"] == 128 and r["expert_width"] == 64  # equal active FLOPs: 128 = 2 × 64
         assert r["moe_tflops"] > 0 and r["dense_tflops"] > 0
@@ -32,6 +35,12 @@ def test_bench_moe_on_cpu(tmp_path):
     assert r["moe_tflops"] == pytest.approx(r["moe_flops"] / (r["moe_ms"] / 1e3) / 1e12)
     with open(tmp_path / "moe.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_queued_time_is_per_call_of_calls_run_back_to_back():
+    calls = []
+    ms = bench.queued_time_ms(lambda: (calls.append(1), time.sleep(0.01)), reps=5)
+    assert len(calls) == 5 and 9.5 <= ms < 200  # 10 ms per call, measured over the five
 
 
 def test_bench_moe_cli(tmp_path, capsys):

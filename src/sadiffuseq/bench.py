@@ -43,7 +43,9 @@ from sadiffuseq.errors import UserError
 
 
 def cuda_time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of ``fn()`` between CUDA events (host clock on CPU)."""
+    """Median milliseconds of ``fn()`` between CUDA events, synchronising after every call (host clock on CPU).
+
+    The GPU starts every call idle, so host time that the GPU cannot hide counts: the latency of one call."""
     for _ in range(warmup):
         fn()
     times = []
@@ -60,6 +62,25 @@ def cuda_time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
+
+
+def queued_time_ms(fn, reps: int = 10) -> float:
+    """Milliseconds per call of ``reps`` calls of ``fn()`` queued back to back (after :func:`cuda_time_ms` has
+    warmed it up): the host runs ahead of the GPU where it can, as in a training step of many layers, so this is
+    the GPU-bound cost when the host keeps up and the host-bound one when it does not."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return 1e3 * (time.perf_counter() - t0) / reps
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _compile_options(compile: str | bool) -> dict:
@@ -113,7 +134,10 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
                     schedules: tuple[str, ...] = GLOBAL_SCHEDULES, compile_mode: str = "auto") -> list[dict]:
     """Dense SDPA vs the sparse pattern (fwd+bwd, bf16) per length. The ``sparse_*`` columns are the default
     global-token schedule (``model.flex_globals``, resolved per length) when it is among ``schedules``, else the
-    first of them; ``<schedule>_ms`` columns are every timed schedule. ``compile_mode``: ``model.flex_compile`` for the sparse attention."""
+    first of them; ``<schedule>_ms`` columns are every timed schedule. Times are synchronised after every call
+    (latency, :func:`cuda_time_ms`); the ``*_queued_ms`` columns and ``queued_speedup`` queue the calls back to back
+    (:func:`queued_time_ms`), which hides the host where the GPU is the bottleneck. ``compile_mode``:
+    ``model.flex_compile`` for the sparse attention."""
     bad = [s for s in schedules if s not in GLOBAL_SCHEDULES]
     if bad:
         raise UserError(f"unknown global-token schedule(s) {bad}; choose from {', '.join(GLOBAL_SCHEDULES)}")
@@ -129,16 +153,19 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         q, k, v = (torch.randn(batch, heads, L, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         grad = torch.randn(batch, heads, L, head_dim, device=device, dtype=torch.bfloat16)
-        dense_ms = cuda_time_ms(_fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v, grad),
-                                reps=reps)
+        dense_step = _fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v, grad)
+        dense_ms = cuda_time_ms(dense_step, reps=reps)
+        dense_queued_ms = queued_time_ms(dense_step, reps=reps)
         # the same pattern under each global-token schedule (attention/backends.py); the configured one is "sparse"
         default = resolve_schedule(cfg.flex_globals, L)
         if schedules and default not in schedules:  # only the schedules asked for are timed
             default = schedules[0]
-        schedule_ms = {}
+        schedule_ms, schedule_queued_ms = {}, {}
         for schedule in dict.fromkeys([default, *schedules]):
             layer.global_schedule = schedule
-            schedule_ms[schedule] = cuda_time_ms(_fwd_bwd(layer.attend, q, k, v, grad), reps=reps)
+            step = _fwd_bwd(layer.attend, q, k, v, grad)
+            schedule_ms[schedule] = cuda_time_ms(step, reps=reps)
+            schedule_queued_ms[schedule] = queued_time_ms(step, reps=reps)
         layer.global_schedule = cfg.flex_globals
         sparse_ms = schedule_ms[default]
         # the tiles of the whole pattern (band + global rows and columns), whatever the schedule
@@ -148,9 +175,12 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         row = {"length": L, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "density": density,
                "ideal_ms": density * dense_ms, "efficiency": density * dense_ms / sparse_ms,
                "speedup": dense_ms / sparse_ms, "schedule": default,
-               "compile": resolve_compile_mode(compile_mode, L)}
+               "compile": resolve_compile_mode(compile_mode, L), "dense_queued_ms": dense_queued_ms,
+               "sparse_queued_ms": schedule_queued_ms[default],
+               "queued_speedup": dense_queued_ms / schedule_queued_ms[default]}
         for schedule, ms in schedule_ms.items():
             row[f"{schedule}_ms"], row[f"{schedule}_speedup"] = ms, dense_ms / ms
+            row[f"{schedule}_queued_ms"] = schedule_queued_ms[schedule]
         if naive:
             attend, naive_density = naive_flex(cfg, L, device)
             row["naive_ms"] = cuda_time_ms(_fwd_bwd(attend, q, k, v, grad), reps=reps)
@@ -236,7 +266,9 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     never happens here, so every repetition routes with the same (zero) bias; the bias is checked unchanged at the
     end. (Routing still depends on the random input and router weights, fixed per length by the seed.)
 
-    Per length the row gives ``dense_ms``, ``moe_ms``, ``ratio`` = moe / dense, ``impl`` (the expert-matmul
+    Per length the row gives ``dense_ms``, ``moe_ms``, ``ratio`` = moe / dense (each call synchronised: latency,
+    :func:`cuda_time_ms`), ``dense_queued_ms``, ``moe_queued_ms``, ``queued_ratio`` (calls queued back to back:
+    the GPU-bound cost where the host keeps up, :func:`queued_time_ms`), ``impl`` (the expert-matmul
     implementation the layer resolved to: grouped or loop), and ``dense_tflops`` / ``moe_tflops``: the FLOPs of
     :func:`moe_flops` (the two projections, forward + backward) divided by the measured time of the whole layer.
     For the MoE layer that time includes the router, the sort/dispatch, the gathers and the weighted
@@ -287,8 +319,10 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
         torch.manual_seed(L)
         x = torch.randn(batch, L, d_model, device=dev, requires_grad=True)
         grad = torch.randn(batch, L, d_model, device=dev)
-        dense_ms = cuda_time_ms(fwd_bwd(dense_fn, dense, x, grad), warmup=warmup, reps=reps)
-        moe_ms = cuda_time_ms(fwd_bwd(moe_fn, moe, x, grad), warmup=warmup, reps=reps)
+        dense_step, moe_step = fwd_bwd(dense_fn, dense, x, grad), fwd_bwd(moe_fn, moe, x, grad)
+        dense_ms = cuda_time_ms(dense_step, warmup=warmup, reps=reps)
+        moe_ms = cuda_time_ms(moe_step, warmup=warmup, reps=reps)
+        dense_queued_ms, moe_queued_ms = queued_time_ms(dense_step, reps), queued_time_ms(moe_step, reps)
         tokens = batch * L
         dense_flops = moe_flops(tokens, d_model, dense_width)
         expert_flops = moe_flops(tokens, d_model, hidden, top_k)
@@ -296,6 +330,8 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
                      "experts": experts, "top_k": top_k, "expert_width": hidden, "device": dev.type,
                      "dtype": str(dtype).removeprefix("torch."), "impl": impl_used, "compiled": compile or False,
                      "dense_ms": dense_ms, "moe_ms": moe_ms, "ratio": moe_ms / dense_ms,
+                     "dense_queued_ms": dense_queued_ms, "moe_queued_ms": moe_queued_ms,
+                     "queued_ratio": moe_queued_ms / dense_queued_ms,
                      "dense_flops": dense_flops, "moe_flops": expert_flops,
                      "dense_tflops": dense_flops / (dense_ms * 1e-3) / 1e12,
                      "moe_tflops": expert_flops / (moe_ms * 1e-3) / 1e12})

@@ -333,13 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="timings: sparse vs dense attention, training steps, MoE vs dense FFN, samplers' speed vs quality",
         formatter_class=fmt,
         description="attention: forward+backward (bf16) of dense SDPA, our sparse pattern (under each global-token "
-        "schedule: inline, split) and the naive FlexAttention mask, with block density, ideal time (density × dense), efficiency (ideal / sparse) and speed-up; CSV + "
+        "schedule: inline, split) and the naive FlexAttention mask, with block density, ideal time (density × dense), "
+        "efficiency (ideal / sparse) and speed-up, each call synchronised (latency), and the same calls queued back to "
+        "back (*_queued_ms: the host hidden where the GPU is the bottleneck); CSV + "
         "log-log PNG (CUDA only). model: one training step (forward, backward, AdamW) of the model with dense and with "
         "sparse attention, side by side (model sizes and the sparse pattern come from --config and overrides; CUDA "
         "only).\n\n"
         "moe: forward+backward of one MoE feed-forward layer (--experts, --top-k; expert width = dense width / top-k) "
         "and of the dense FFN of the same active FLOPs (width --ffn-mult × --d-model) on (--batch, L, --d-model) "
-        "inputs, in train mode; bf16 autocast on CUDA, fp32 on the CPU. Reports dense and MoE ms, their ratio, the "
+        "inputs, in train mode; bf16 autocast on CUDA, fp32 on the CPU. Reports dense and MoE ms, their ratio (each "
+        "call synchronised, and queued back to back: *_queued_ms, queued_ratio), the "
         "expert-matmul implementation (grouped or loop) and TFLOP/s of the two projections (fwd+bwd) over the "
         "measured time (for MoE a lower bound: the time includes router and dispatch); moe.csv.\n\n"
         "sample: generate for the same sources with each --samplers sampler:steps pair of CHECKPOINT (a run "
