@@ -9,8 +9,13 @@ schedules, default compile) and for the compiled MoE layer and its dense FFN, fo
 * device-to-host synchronisations inside a step (``torch.cuda.set_sync_debug_mode``), and the host operators that
   take the most CPU time.
 
-Usage: python3 scripts/gpu_host_profile.py [attention|moe] [LENGTH] [MODE ...]
-(MODE: ``model.flex_compile`` values for the sparse attention, default ``default``.)
+With ``model``: one training step (forward, backward, AdamW) of the base-size model with dense and with sparse
+attention, blocks compiled, the benchmark pattern of ``bench model`` (window ±256, 6 of 12 heads dilated ×4, 16
+global tokens); ``moe`` adds MoE feed-forwards in every other layer.
+
+Usage: python3 scripts/gpu_host_profile.py attention [LENGTH] [MODE ...]   (MODE: model.flex_compile values)
+       python3 scripts/gpu_host_profile.py moe [LENGTH]
+       python3 scripts/gpu_host_profile.py model [LENGTH] [moe]
 """
 
 import statistics
@@ -22,8 +27,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 what = sys.argv[1] if len(sys.argv) > 1 else "attention"
-L = int(sys.argv[2]) if len(sys.argv) > 2 else (8192 if what == "attention" else 32768)
+L = int(sys.argv[2]) if len(sys.argv) > 2 else (32768 if what == "moe" else 8192)
 dev = torch.device("cuda")
+TOP = 25 if what == "model" else 12
 
 
 def sync_ms(step, reps=30):
@@ -70,7 +76,7 @@ def report(name, step):
     for line in sorted(set(syncs)):
         print("    sync:", line)
     cpu_ops = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
-                     key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:TOP]
     for e in cpu_ops:
         print(f"    host {e.self_cpu_time_total / 5 / 1000:7.3f} ms/step  {e.count // 5:4d}×  {e.key[:90]}")
     return s, qd, gpu / 1000
@@ -96,6 +102,38 @@ if what == "attention":
         for schedule in ("inline", "split"):
             report(f"sparse, {schedule}, {mode}",
                    attention_step(lambda: flex_attention(q, k, v, heads, schedule=schedule, compile_mode=mode)))
+elif what == "model":
+    from sadiffuseq.config import load_config
+    from sadiffuseq.diffusion.process import Diffusion
+    from sadiffuseq.model import Denoiser
+
+    overrides = ["--model.dilations=[1,1,1,1,1,1,4,4,4,4,4,4]", "--model.window=256", "--model.global_first=16",
+                 "--model.dropout=0.0"]
+    if "moe" in sys.argv[3:]:
+        overrides += ["--model.ffn=moe", "--model.moe_layers=[1,3,5,7,9,11]"]
+    cfg = load_config(None, overrides)  # the defaults are the base size, as in `bench model`
+    diffusion = Diffusion(cfg.diffusion)
+    vocab = 16000
+    for attention in ("dense", "sparse"):
+        cfg.model.attention = attention
+        torch.manual_seed(0)
+        model = Denoiser(cfg.model, vocab, absorbing=cfg.diffusion.absorbing).to(dev).compile_blocks()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ids = torch.randint(4, vocab, (1, L), device=dev)
+        mask = torch.zeros(1, L, dtype=torch.bool, device=dev)
+        mask[:, L // 8:] = True
+
+        def step():
+            t = torch.randint(0, diffusion.steps, (1,), device=dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = diffusion.training_losses(model, {"ids": ids, "input_mask": mask}, t)["loss"].mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        report(f"model, {attention} attention, {L} tokens", step)
+        del model, opt
+        torch.cuda.empty_cache()
 else:
     from sadiffuseq.config import ModelConfig
     from sadiffuseq.model import DenseFFN

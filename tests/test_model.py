@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sadiffuseq.config import ModelConfig
@@ -69,3 +70,64 @@ def test_compiled_blocks_match_eager_model_and_keep_parameter_names():
     assert list(compiled.state_dict()) == list(eager.state_dict())
     moe = compiled.blocks[1].ffn
     assert moe._compiled is not None and moe.last_aux and eager.blocks[1].ffn._compiled is None
+
+
+def _flex_model(schedule: str, **kw) -> Denoiser:
+    base = dict(d_model=64, n_heads=4, n_layers=2, d_emb=8, attention="sparse", attention_backend="flex", window=8,
+                dilations=[1, 2, 1, 2], global_first=2, flex_globals=schedule, dropout=0.0)
+    cfg = ModelConfig(**{**base, **kw})
+    torch.manual_seed(0)
+    return Denoiser(cfg, 50)
+
+
+@pytest.mark.parametrize("schedule", ["inline", "split"])
+def test_compiled_blocks_trace_the_flex_attention_into_one_graph(schedule):
+    """With the attention planned before the blocks (AttentionContext.plans), a compiled block traces the whole
+    sparse attention into its graph — no graph break, same numbers (packed documents included). FlexAttention has
+    no CPU backward, so forward only here; tests/test_sparse_attention.py covers gradients on a GPU."""
+    import copy
+
+    eager = _flex_model(schedule)
+    compiled = copy.deepcopy(eager).compile_blocks(backend="aot_eager")
+    x, t = torch.randn(2, 300, 8), torch.tensor([3, 900])
+    docs = torch.tensor([[0] * 150 + [1] * 150, [0] * 300])
+    with torch.no_grad():
+        for doc_ids in (None, docs):
+            torch.testing.assert_close(compiled(x, t, doc_ids), eager(x, t, doc_ids), rtol=1e-5, atol=1e-5)
+        args = {}
+        hook = eager.blocks[0].register_forward_pre_hook(lambda module, a: args.setdefault("block", a))
+        eager(x, t, docs)
+        hook.remove()
+        explained = torch._dynamo.explain(eager.blocks[0])(*args["block"])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_layers_of_one_pattern_share_a_plan():
+    model = _flex_model("auto", n_layers=3, layer_windows=[8, 16, 8])
+    plans = model._flex_plans(300, torch.device("cpu"), None)
+    assert len(plans) == 2  # windows 8 and 16
+    first, third = (model.blocks[i].attn.plan_key for i in (0, 2))
+    assert first == third and plans[first].in_block_graph and plans[first].n_global == 0  # inline below 16k
+    dense = Denoiser(ModelConfig(d_model=32, n_heads=2, n_layers=1, d_emb=8), 50)
+    assert dense._flex_plans(300, torch.device("cpu"), None) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs a CUDA GPU")
+@pytest.mark.parametrize("schedule", ["inline", "split"])
+def test_compiled_model_with_attention_in_the_block_graphs_matches_eager_on_gpu(schedule):
+    """Forward and backward of compiled blocks that trace the flex attention, against the eager model; a new packed
+    batch (a new BlockMask, an input of the graph) must not recompile."""
+    import copy
+
+    import torch._dynamo
+
+    eager = _flex_model(schedule).cuda()
+    compiled = copy.deepcopy(eager).compile_blocks()
+    x, t = torch.randn(2, 1000, 8, device="cuda"), torch.tensor([3, 900], device="cuda")
+    docs = torch.tensor([[0] * 400 + [1] * 600, [0] * 1000], device="cuda")
+    for model in (eager, compiled):
+        model(x, t, docs).square().sum().backward()
+    for (name, p), p_c in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p_c.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x, t, docs.roll(300, dims=1)).square().sum().backward()

@@ -38,12 +38,15 @@ class AttentionContext:
     """What an attention module may need beyond the hidden states: rotary tables and packing information.
 
     ``doc_ids`` (B, L) marks which example each position belongs to when several are packed into one row;
-    positions only attend within their own example. ``None`` means one example per row.
+    positions only attend within their own example. ``None`` means one example per row. ``plans``: the sparse
+    attention's FlexAttention plans for this forward, one per distinct pattern (``SparseSelfAttention.plan_key``),
+    made once before the blocks run so that compiled blocks can trace the attention into their graphs.
     """
 
     cos: torch.Tensor  # (L, head_dim/2)
     sin: torch.Tensor  # (L, head_dim/2)
     doc_ids: torch.Tensor | None = None
+    plans: dict | None = None
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -161,7 +164,7 @@ class Denoiser(nn.Module):
         h = self.up(x_t) + self.time_mlp(timestep_embedding(t, self.cfg.d_model).to(x_t.dtype))[:, None, :]
         h = self.drop(self.ln_in(h))
         cos, sin = self._rope(L, x_t.device)
-        ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids)
+        ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, plans=self._flex_plans(L, x_t.device, doc_ids))
         for block in self.blocks:
             if self.cfg.grad_checkpoint and self.training:
                 h = checkpoint(block, h, ctx, use_reentrant=False)
@@ -169,13 +172,26 @@ class Denoiser(nn.Module):
                 h = block(h, ctx)
         return self.down(self.ln_out(h))
 
+    def _flex_plans(self, length: int, device: torch.device, doc_ids) -> dict | None:
+        """One FlexAttention plan per distinct sparse-attention pattern among the blocks (None without any)."""
+        plans = {}
+        for block in self.blocks:
+            attn = block.attn
+            if isinstance(attn, SparseSelfAttention) and attn.plan_key not in plans:
+                plan = attn.flex_plan(length, device, doc_ids)
+                if plan is not None:
+                    plans[attn.plan_key] = plan
+        return plans or None
+
     def compile_blocks(self, **compile_options) -> "Denoiser":
         """Compile each transformer block in place (regional compilation, as torchtitan does): one compiled
         graph serves every layer of equal configuration, compile time stays small, and parameter names are
-        unchanged, so checkpoints do not depend on it. The sparse attention kernels and the MoE layers are
-        compiled as graphs of their own (one each, called from the blocks'); what the blocks' graphs fuse is the
-        rest — LayerNorms, projections, rotary embedding, GELU, residuals — which at 32k tokens costs more than
-        the sparse attention itself."""
+        unchanged, so checkpoints do not depend on it. The sparse attention is traced into the blocks' graphs
+        where its compile mode is the default one (below 16k tokens with ``model.flex_compile=auto``; its Python
+        side — layouts, BlockMasks — is planned before the blocks run, see ``AttentionContext.plans``), and runs as
+        its own region with its own mode otherwise (autotuned kernels from 16k); MoE layers are regions of their
+        own. What the blocks' graphs fuse besides is the rest — LayerNorms, projections, rotary embedding, GELU,
+        residuals — which at 32k tokens costs more than the sparse attention itself."""
         for block in self.blocks:
             block.compile(**compile_options)  # options of torch.compile, e.g. backend or mode
         for moe in self.moe_modules():

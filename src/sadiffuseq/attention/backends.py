@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -141,12 +142,50 @@ def flex_attention(q, k, v, heads: HeadLayouts, doc_ids=None, schedule: str = "a
     ``compile_mode``: the ``torch.compile`` mode of the region on CUDA (``model.flex_compile``, see
     :func:`resolve_compile_mode`).
     """
-    length = q.shape[2]
+    return run_flex_plan(q, k, v, flex_plan(heads, q.shape[2], doc_ids, schedule, compile_mode))
+
+
+@dataclass(frozen=True)
+class FlexPlan:
+    """Everything :func:`flex_attention` decides in Python before its compiled part: the per-head token orders,
+    the BlockMask, how the global tokens are scheduled and with which ``torch.compile`` mode the region runs.
+
+    A model makes one plan per attention pattern before its blocks run (``Denoiser.forward``), so a compiled block
+    can trace the attention into its own graph (:func:`_all_heads`, when ``in_block_graph``) instead of leaving
+    its graph, running Python and entering the attention's region: at 8k tokens the host time of those
+    transitions exceeded the GPU time of the whole layer."""
+
+    perm: torch.Tensor | None
+    inv: torch.Tensor | None
+    block_mask: object  # torch.nn.attention.flex_attention.BlockMask
+    n_global: int  # > 0: the split schedule with that many global tokens; 0: inline (globals in the BlockMask)
+    docs: torch.Tensor | None  # (B, H, L) permuted document ids for the split epilogue, or None
+    compile_mode: str  # resolved: the mode of the region when it runs as its own compiled region
+    in_block_graph: bool  # a compiled block may trace it into its graph (its mode is the blocks' default)
+
+    def args(self) -> tuple:
+        return self.perm, self.inv, self.block_mask, self.n_global, self.docs
+
+
+def flex_plan(heads: HeadLayouts, length: int, doc_ids=None, schedule: str = "auto",
+              compile_mode: str = "auto") -> FlexPlan:
+    """The :class:`FlexPlan` of a layer with head layouts ``heads`` on ``length`` tokens (``doc_ids``: (B, L) or
+    None)."""
     split = resolve_schedule(schedule, length) == "split" and heads.n_global > 0
     docs = None if doc_ids is None else patterns.permuted_docs(heads, doc_ids)
     block_mask = block_mask_for(heads, length, docs, band_only=split)
-    run = _compiled_all_heads(resolve_compile_mode(compile_mode, length)) if q.device.type == "cuda" else _all_heads
-    return run(q, k, v, heads.perm, heads.inv, block_mask, heads.n_global if split else 0, docs if split else None)
+    mode = resolve_compile_mode(compile_mode, length)
+    return FlexPlan(heads.perm, heads.inv, block_mask, heads.n_global if split else 0, docs if split else None,
+                    mode, mode == "default")
+
+
+def run_flex_plan(q, k, v, plan: FlexPlan) -> torch.Tensor:
+    """The compiled part of :func:`flex_attention`: traced into the caller's graph when the caller is being
+    compiled and the plan allows it, else its own compiled region on CUDA (eager on the CPU)."""
+    if torch.compiler.is_compiling() and plan.in_block_graph:
+        return _all_heads(q, k, v, *plan.args())
+    run = _compiled_all_heads(plan.compile_mode) if q.device.type == "cuda" else _all_heads
+    return run(q, k, v, *plan.args())
 
 
 def _all_heads(q, k, v, perm, inv, block_mask, n_global: int, docs=None):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sadiffuseq.attention import patterns
-from sadiffuseq.attention.backends import flex_attention, resolve_backend, run_group
+from sadiffuseq.attention.backends import FlexPlan, flex_plan, resolve_backend, run_flex_plan, run_group
 from sadiffuseq.attention.rotary import apply_rotary
 from sadiffuseq.config import ModelConfig
 
@@ -47,20 +47,40 @@ class SparseSelfAttention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        y = self.attend(q, k, v, ctx.doc_ids)
+        plan = ctx.plans.get(self.plan_key) if getattr(ctx, "plans", None) else None
+        if plan is not None and plan.in_block_graph and torch.compiler.is_compiling():
+            y = run_flex_plan(q, k, v, plan)  # traced into the compiled block's graph: no graph break
+        else:
+            y = self.attend(q, k, v, ctx.doc_ids, plan)
         if self.global_qkv is not None and self.global_first + self.global_every > 0:
             y = self._global_rows(x, y, ctx)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
-    @torch.compiler.disable  # own kernels, compiled once per process; BlockMask caches are Python-side state
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids=None) -> torch.Tensor:
-        """The sparse pattern on (B, H, L, hd) queries/keys/values (rotary already applied)."""
+    @property
+    def plan_key(self) -> tuple:
+        """Layers with equal keys share one :class:`~sadiffuseq.attention.backends.FlexPlan`."""
+        return (self.backend, self.head_dim, self.window, self.global_first, self.global_every, self.dilations,
+                self.global_schedule, self.compile_mode)
+
+    def flex_plan(self, length: int, device: torch.device, doc_ids=None) -> FlexPlan | None:
+        """This layer's FlexAttention plan for ``length`` tokens (token orders, BlockMask, schedule), or None where
+        the layer does not run the ``flex`` backend. Made outside any compiled graph: the layouts and BlockMasks
+        are cached in Python, which a graph cannot do."""
+        if resolve_backend(self.backend, torch.device(device), self.head_dim) != "flex":
+            return None
+        heads = patterns.cached_head_layouts(length, self.global_first, self.global_every, self.dilations,
+                                             self.window, device)
+        return flex_plan(heads, length, doc_ids, self.global_schedule, self.compile_mode)
+
+    @torch.compiler.disable  # the kernels run as their own compiled region; layouts and BlockMasks are Python state
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids=None,
+               plan: FlexPlan | None = None) -> torch.Tensor:
+        """The sparse pattern on (B, H, L, hd) queries/keys/values (rotary already applied). ``plan``: the flex
+        backend's plan when the caller has made it (see :meth:`flex_plan`)."""
         L = q.shape[2]
         backend = resolve_backend(self.backend, q.device, self.head_dim)
         if backend == "flex":  # every head at once, each on its own token order
-            heads = patterns.cached_head_layouts(L, self.global_first, self.global_every, self.dilations,
-                                                 self.window, q.device)
-            return flex_attention(q, k, v, heads, doc_ids, self.global_schedule, self.compile_mode)
+            return run_flex_plan(q, k, v, plan or self.flex_plan(L, q.device, doc_ids))
         is_global = patterns.global_positions(L, self.global_first, self.global_every, device=q.device)
         outs = []
         start = 0
