@@ -61,11 +61,16 @@ class Diffusion:
         self.alphas_cumprod = ab
         self.sqrt_ab = ab.sqrt().float()
         self.sqrt_1m_ab = (1.0 - ab).sqrt().float()
+        self._device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # -- forward process -------------------------------------------------------------------------------------
 
     def _at(self, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return table.to(t.device)[t][:, None, None]
+        # Copied to the device once: a copy from (pageable) host memory waits for the device's queue every time.
+        key = (id(table), t.device)
+        if key not in self._device_tables:
+            self._device_tables[key] = table.to(t.device)
+        return self._device_tables[key][t][:, None, None]
 
     def x_start(self, emb: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         noise = torch.randn_like(emb) if noise is None else noise
@@ -110,7 +115,7 @@ class Diffusion:
 
     def absorb_prob(self, t: torch.Tensor) -> torch.Tensor:
         """p_t = γ·sqrt(1−ᾱ_t) for each step in t, shape (B,), float32."""
-        return self.cfg.absorb_gamma * self.sqrt_1m_ab.to(t.device)[t]
+        return self.cfg.absorb_gamma * self._at(self.sqrt_1m_ab, t)[:, 0, 0]
 
     def absorb_positions(
         self, mask: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None = None
@@ -151,6 +156,10 @@ class Diffusion:
     def training_losses(self, model, batch: dict[str, torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-example loss terms (each of shape (B,)); ``loss`` is the weighted sum that is optimised."""
         ids, mask = batch["ids"], batch["input_mask"]
+        # The target positions, found once and first: finding them needs the device to report how many there
+        # are, a synchronisation that costs nothing while the device has no work queued yet, and would otherwise
+        # stall the host behind the whole forward pass (several times: once per boolean index).
+        targets = mask.reshape(-1).nonzero().squeeze(1)
         emb = model.get_embeds(ids)
         x0 = self.x_start(emb)
         m = self.absorb_vector(model)  # None unless diffusion.absorbing
@@ -167,10 +176,10 @@ class Diffusion:
         mse = masked_mean((pred.float() - target.float()).pow(2).mean(-1))
         centred = x0.float() if m is None else x0.float() - m.float()  # absorbing: q(x_T | x0) is centred on m
         prior = masked_mean((float(self.sqrt_ab[-1]) * centred).pow(2).mean(-1))
-        rounding = masked_mean(self._token_ce(model, x0, ids, mask))
+        rounding = masked_mean(self._token_ce(model, x0, ids, targets))
         c = self.cfg
         with torch.set_grad_enabled(torch.is_grad_enabled() and c.pred_ce_weight > 0):  # a metric unless weighted
-            pred_ce = masked_mean(self._token_ce(model, pred, ids, mask))
+            pred_ce = masked_mean(self._token_ce(model, pred, ids, targets))
         loss = mse + c.rounding_weight * rounding + c.prior_weight * prior + c.pred_ce_weight * pred_ce
         extra = {}
         if m is not None:  # absorb_reg·‖m‖, the same for every example
@@ -183,9 +192,10 @@ class Diffusion:
         return {"loss": loss, "mse": mse, "rounding": rounding, "prior": prior, "pred_ce": pred_ce, **extra}
 
     @staticmethod
-    def _token_ce(model, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the tokens given vectors x, computed only at masked positions (saves B·L·V memory)."""
-        out = torch.zeros(ids.shape, device=ids.device, dtype=torch.float32)
-        logits = model.get_logits(x[mask]).float()
-        out[mask] = F.cross_entropy(logits, ids[mask], reduction="none")
-        return out
+    def _token_ce(model, x: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the tokens given vectors x (B, L, d), computed only at the flat positions ``targets``
+        (saves B·L·V memory); zero elsewhere."""
+        logits = model.get_logits(x.reshape(-1, x.shape[-1]).index_select(0, targets)).float()
+        ce = F.cross_entropy(logits, ids.reshape(-1).index_select(0, targets), reduction="none")
+        out = torch.zeros(ids.numel(), device=ids.device, dtype=torch.float32).index_copy(0, targets, ce)
+        return out.view(ids.shape)
