@@ -131,3 +131,29 @@ def test_compiled_model_with_attention_in_the_block_graphs_matches_eager_on_gpu(
         torch.testing.assert_close(p_c.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled(x, t, torch.tensor([[0] * 700 + [1] * 300, [0] * 1000], device="cuda")).square().sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_sparse_moe_model_matches_eager_in_bf16_on_gpu():
+    """The model as training runs it on a GPU — bf16 autocast, flex attention and dropless MoE both traced into
+    the compiled blocks — against the eager model; a second step must not recompile."""
+    import copy
+
+    import torch._dynamo
+
+    eager = _flex_model("auto", ffn="moe", moe_experts=4, moe_top_k=2, moe_layers=[1]).cuda()
+    compiled = copy.deepcopy(eager).compile_blocks()
+    x, t = torch.randn(2, 1000, 8, device="cuda"), torch.tensor([3, 900], device="cuda")
+
+    def step(model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(x, t)
+            loss = y.float().square().mean() + model.aux_losses()["moe_aux"][0]
+        loss.backward()
+        return y.detach().float()
+
+    torch.testing.assert_close(step(compiled), step(eager), rtol=2e-2, atol=2e-2)
+    for (name, p), p_c in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p_c.grad, p.grad, rtol=5e-2, atol=5e-3, msg=name)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step(compiled)

@@ -393,3 +393,32 @@ def test_dropless_layer_compiles_to_one_graph_without_host_syncs():
         assert moe.resolve_impl(CPU, torch.bfloat16, traced=True) == "grouped"
         explained = torch._dynamo.explain(moe.routed_forward)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.skipif(not grouped_mm_supported(CPU, torch.bfloat16), reason="no bf16 torch._grouped_mm on this CPU torch")
+def test_compiled_blocks_trace_the_dropless_layer_into_their_graphs():
+    """A compiled block traces a dropless MoE layer on the grouped matmuls into its own graph (one graph, no
+    break) and gives the eager model's outputs, gradients and auxiliary losses."""
+    import copy
+
+    cfg = moe_cfg(d_model=64, n_heads=4, moe_experts=8, moe_layers=[1])
+    torch.manual_seed(0)
+    eager = Denoiser(cfg, 50)
+    compiled = copy.deepcopy(eager).compile_blocks(backend="aot_eager")
+    x, t = torch.randn(2, 40, cfg.d_emb), torch.tensor([3, 900])
+    results = []
+    for model in (eager, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x, t)
+            aux = model.aux_losses()
+        (y.float().square().sum() + aux["moe_aux"][0]).backward()
+        results.append([y.detach().float(), aux["moe_aux"][0].detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+    args = {}
+    hook = eager.blocks[1].register_forward_pre_hook(lambda module, a: args.setdefault("block", a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager(x, t)
+        hook.remove()
+        explained = torch._dynamo.explain(eager.blocks[1])(*args["block"])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -158,9 +158,14 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x_t.shape
-        if self.training and torch.is_grad_enabled():  # MoE auxiliary-loss-free balancing: last step's counts
-            for m in moe_modules(self):
-                m.apply_bias_update()
+        moes = moe_modules(self)
+        if moes:
+            dev = x_t.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_t.dtype
+            for m in moes:
+                m.prepare(x_t.device, dtype)  # before any compiled block traces it
+                if self.training and torch.is_grad_enabled():  # auxiliary-loss-free balancing: last step's counts
+                    m.apply_bias_update()
         h = self.up(x_t) + self.time_mlp(timestep_embedding(t, self.cfg.d_model).to(x_t.dtype))[:, None, :]
         h = self.drop(self.ln_in(h))
         cos, sin = self._rope(L, x_t.device)

@@ -440,16 +440,32 @@ class MoEFFN(nn.Module):
         c.zero_()
 
     def compile_routed(self, **compile_options) -> "MoEFFN":
-        """Compile the layer (:meth:`routed_forward`) on its own, as its own graph: the model's compiled blocks
-        leave the MoE layer out of theirs (see :meth:`forward`) and call this one. Dropless, the whole layer —
-        router, top-k, dispatch, gathers, GELU, combine, forward and backward — is one graph with static shapes."""
+        """Compile the layer (:meth:`routed_forward`) as a region of its own, for the calls that a compiled block
+        does not trace into its graph (see :meth:`forward`) and for ``bench moe --compile``. Dropless, the whole
+        layer — router, top-k, dispatch, gathers, GELU, combine, forward and backward — is one graph."""
         self._compiled = torch.compile(self.routed_forward, **compile_options)
         return self
 
-    # Left out of the compiled blocks' graphs: the expert-matmul probe (resolve_impl) runs kernels, which cannot be
-    # traced, and a capacity makes shapes data-dependent. The layer is compiled separately (compile_routed).
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Inside a compiled block, a dropless layer on the grouped matmuls is traced into the block's graph: static
+        # shapes, no host sync, and no exit from the graph (at 8k tokens each exit and re-entry cost more host time
+        # than the layer's GPU time). Everything else runs outside the graph.
+        if torch.compiler.is_compiling() and self.capacity_factor <= 0:
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            if self._resolved.get((dev, dtype, True)) == "grouped":  # resolved beforehand: see prepare
+                return self.routed_forward(x)
+        return self._forward_outside(x)
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Resolve the expert-matmul implementation before any graph is traced (the probe runs kernels, which a
+        trace cannot); the Denoiser calls this before its blocks run."""
+        self.resolve_impl(device, dtype, traced=True)
+
+    # Outside the graphs: the expert-matmul probe (resolve_impl) runs kernels, which cannot be traced, and a
+    # capacity makes shapes data-dependent. Compiled as a region of its own after compile_routed.
+    @torch.compiler.disable
+    def _forward_outside(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled is None:
             return self.routed_forward(x)
         dev = x.device.type
