@@ -275,8 +275,9 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     gate weighting, so ``moe_tflops`` is a *lower bound* of the rate of the expert matmuls themselves.
 
     ``compile``: both layers through ``torch.compile`` (a mode name, e.g. ``"reduce-overhead"`` for CUDA graphs, or
-    ``"default"``/True; the MoE layer through :meth:`~sadiffuseq.moe.MoEFFN.compile_routed`, as a compiled model
-    runs it: one graph that fuses the routing, gathers, GELU and gate-weighted combine around the grouped matmuls).
+    ``"default"``/True; the MoE layer through :meth:`~sadiffuseq.moe.MoEFFN.compile_routed`: one graph that fuses
+    the routing, gathers, GELU and gate-weighted combine around the grouped matmuls — the graph a compiled model's
+    blocks trace the layer into).
     """
     from sadiffuseq.model import DenseFFN
     from sadiffuseq.moe import MoEFFN, expert_hidden
