@@ -157,3 +157,20 @@ def test_compiled_sparse_moe_model_matches_eager_in_bf16_on_gpu():
         torch.testing.assert_close(p_c.grad, p.grad, rtol=5e-2, atol=5e-3, msg=name)
     with torch._dynamo.config.patch(error_on_recompile=True):
         step(compiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs a CUDA GPU")
+def test_compiled_model_with_attention_in_the_block_graphs_takes_new_lengths_on_gpu():
+    """Bucketed batches change the length from step to step: the compiled blocks (which then compile with dynamic
+    shapes) must keep matching the eager model, attention traced in."""
+    import copy
+
+    eager = _flex_model("auto").cuda()
+    compiled = copy.deepcopy(eager).compile_blocks()
+    for length in (1000, 1200, 1304):
+        x, t = torch.randn(2, length, 8, device="cuda"), torch.tensor([3, 900], device="cuda")
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            model(x, t).square().sum().backward()
+        for (name, p), p_c in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(p_c.grad, p.grad, rtol=1e-3, atol=1e-4, msg=f"{length}: {name}")
