@@ -25,12 +25,15 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
 * **Dropless dispatch** (``moe_capacity_factor = 0``): the N·k (token, expert) pairs are sorted by expert; per-
   expert counts give the offsets; each projection is then one grouped matmul (``torch._grouped_mm``) over
   the sorted rows, or — where that kernel is missing or does not support the dtype/device/shape — one matmul
-  per expert over its contiguous slice (the same numbers). Results are copied back to (token, slot) order and
-  weighted by the gates (the sum over the k slots accumulates in fp32). Nothing in the forward or backward
-  uses atomic adds: the up projection's bias is an extra row of each expert's weight, met by a ones column of
-  the rows (so it is added inside the matmul and its gradient is part of the weight's); the down projection's
-  bias is added per token after the combine, as the (N × E) gate matrix times the (E × d) biases; the input
-  gradient is gathered per pair, then summed over each token's k slots.
+  per expert over its contiguous slice (the same numbers). Each token gathers its k results back through the
+  inverse of the sort (``slot``), with its experts' down-projection biases, weighted by the gates (the sum over
+  the k slots accumulates in fp32). Nothing in the forward or backward uses atomic adds or waits for the
+  device: every data movement is a gather (the rows from their tokens; a token's input gradient from its k
+  pairs; each sorted row's output gradient from its token), the up projection's bias is an extra row of each
+  expert's weight, met by a ones column of the rows (added inside the matmul, its gradient part of the
+  weight's), the down biases' gradient is the (E × N) gate matrix times the output gradient, and the
+  per-expert counts are a one-hot sum. Dropless, the layer is therefore one graph with static shapes under
+  ``torch.compile``, and a compiled model traces it into its blocks' graphs.
 * **Capacity** (``moe_capacity_factor = c > 0``): each expert keeps at most ``ceil(c · N · k / E)`` pairs, in
   token order (earlier positions first); the rest are dropped (that expert contributes nothing to that token;
   the remaining gates are *not* renormalised) and counted in the statistics.
