@@ -8,6 +8,11 @@ embeddings are applied before any reordering, so positions keep their original m
 
 With ``model.global_proj`` the rows of the global tokens are recomputed with their own query/key/value
 projections over all keys, as in Longformer's separate global attention.
+
+On the ``flex`` backend the Python side of the attention (layouts, BlockMask, schedule) is a
+:class:`~sadiffuseq.attention.backends.FlexPlan`, made by the Denoiser once per forward and pattern before its
+blocks run; a compiled block then traces the attention into its own graph (see ``Denoiser.compile_blocks``).
+Called on its own (``attend``), the layer makes the plan itself.
 """
 
 from __future__ import annotations
