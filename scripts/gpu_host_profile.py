@@ -18,7 +18,6 @@ Usage: python3 scripts/gpu_host_profile.py attention [LENGTH] [MODE ...]   (MODE
        python3 scripts/gpu_host_profile.py model [LENGTH] [moe]
 """
 
-import statistics
 import sys
 import warnings
 
@@ -26,33 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from sadiffuseq.bench import cuda_time_ms, queued_time_ms
+
 what = sys.argv[1] if len(sys.argv) > 1 else "attention"
 L = int(sys.argv[2]) if len(sys.argv) > 2 else (32768 if what == "moe" else 8192)
 dev = torch.device("cuda")
 TOP = 25 if what == "model" else 12
-
-
-def sync_ms(step, reps=30):
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def queued_ms(step, reps=20):
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        step()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def report(name, step):
@@ -65,7 +43,7 @@ def report(name, step):
         step()
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message).lower()]
-    s, qd = sync_ms(step), queued_ms(step)
+    s, qd = cuda_time_ms(step, warmup=0, reps=30), queued_time_ms(step, reps=20)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()

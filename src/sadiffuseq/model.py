@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from sadiffuseq.attention.layer import SparseSelfAttention
 from sadiffuseq.attention.rotary import apply_rotary, rotary_tables
 from sadiffuseq.config import ModelConfig
-from sadiffuseq.moe import MoEFFN, collect_aux_losses, collect_stats, moe_modules, uses_moe
+from sadiffuseq.moe import MoEFFN, collect_aux_losses, collect_stats, compute_dtype, moe_modules, uses_moe
 
 
 @dataclass
@@ -130,6 +130,7 @@ class Denoiser(nn.Module):
         self.ln_in = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self._moes = moe_modules(self.blocks)  # found once: the forward visits them every call
         self.ln_out = nn.LayerNorm(d)
         self.down = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, e))
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -158,14 +159,11 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x_t.shape
-        moes = moe_modules(self)
-        if moes:
-            dev = x_t.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_t.dtype
-            for m in moes:
-                m.prepare(x_t.device, dtype)  # before any compiled block traces it
-                if self.training and torch.is_grad_enabled():  # auxiliary-loss-free balancing: last step's counts
-                    m.apply_bias_update()
+        dtype = compute_dtype(x_t)
+        for m in self._moes:
+            m.prepare(x_t.device, dtype)  # before any compiled block traces it
+            if self.training and torch.is_grad_enabled():  # auxiliary-loss-free balancing: last step's counts
+                m.apply_bias_update()
         h = self.up(x_t) + self.time_mlp(timestep_embedding(t, self.cfg.d_model).to(x_t.dtype))[:, None, :]
         h = self.drop(self.ln_in(h))
         cos, sin = self._rope(L, x_t.device)
@@ -207,7 +205,7 @@ class Denoiser(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def moe_modules(self) -> list[MoEFFN]:
-        return moe_modules(self)
+        return list(self._moes)
 
     def aux_losses(self) -> dict[str, tuple[torch.Tensor, float]] | None:
         """MoE auxiliary losses of the last forward, ``{name: (sum over MoE layers, weight)}``; None without MoE."""

@@ -69,6 +69,12 @@ from sadiffuseq.config import ModelConfig
 from sadiffuseq.errors import UserError
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in for input x: autocast's where autocast is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def uses_moe(cfg: ModelConfig, layer: int) -> bool:
     """Whether block ``layer`` holds experts: ``model.ffn=moe`` and the layer is listed (empty list: all)."""
     return cfg.ffn == "moe" and (not cfg.moe_layers or layer in cfg.moe_layers)
@@ -454,9 +460,7 @@ class MoEFFN(nn.Module):
         # shapes, no host sync, and no exit from the graph (at 8k tokens each exit and re-entry cost more host time
         # than the layer's GPU time). Everything else runs outside the graph.
         if torch.compiler.is_compiling() and self.capacity_factor <= 0:
-            dev = x.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            if self._resolved.get((dev, dtype, True)) == "grouped":  # resolved beforehand: see prepare
+            if self._resolved.get((x.device.type, compute_dtype(x), True)) == "grouped":  # resolved by prepare
                 return self.routed_forward(x)
         return self._forward_outside(x)
 
@@ -471,9 +475,7 @@ class MoEFFN(nn.Module):
     def _forward_outside(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled is None:
             return self.routed_forward(x)
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        if self.resolve_impl(x.device, dtype, traced=True) != "grouped":
+        if self.resolve_impl(x.device, compute_dtype(x), traced=True) != "grouped":
             # The loop reads the per-expert counts on the host: under torch.compile a graph break and a recompile
             # for every new set of counts. Eager is the faster way to run it.
             return self.routed_forward(x)
@@ -486,7 +488,7 @@ class MoEFFN(nn.Module):
         flat = x.reshape(-1, d)
         n = flat.shape[0]
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dtype = compute_dtype(x)
 
         r = route(flat, self.router.weight, self.top_k, self.route_bias)
         cap = capacity_of(self.capacity_factor, n, self.top_k, self.n_experts)
