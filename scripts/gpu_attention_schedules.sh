@@ -7,6 +7,7 @@
 #   PART=diag bash scripts/gpu_attention_schedules.sh    # scripts/gpu_attention_diag.py at $DIAG_LENGTH (32768)
 #   PART=model bash scripts/gpu_attention_schedules.sh   # compiled base-size training step at 32k, dense vs sparse
 #   PART=moe bash scripts/gpu_attention_schedules.sh     # bench moe at 8k/32k, eager and compiled
+#   PART=flash bash scripts/gpu_attention_schedules.sh   # the flash backend: GPU tests, bench attention, model steps
 # env: TESTS (pytest -k expression), LENGTHS, SCHEDULES (bench attention, default inline,split), DIAG_LENGTH,
 # DIAG_FLAGS (e.g. "--autotune --cudagraphs"), MODEL_SCHEDULE (PART=model, default auto), MOE_MODES and
 # PROFILE_TOKENS (PART=moe), OUT. Everything lands in $OUT/attention-$PART.tgz.
@@ -57,6 +58,20 @@ case "$PART" in
       timeout $T python3 scripts/gpu_moe_profile.py $n --compile default > "$work/profile-$n.txt" 2>&1
       grep "GPU time per step" "$work/profile-$n.txt"
     done ;;
-  *) echo "unknown PART=$PART (kernel, modes, diag, model or moe)"; exit 2 ;;
+  flash)  # the flash backend: GPU correctness, bench attention (flash only unless BACKENDS), model steps
+    stamp "flash backend on the GPU: output and gradients against dense; compiled model against eager"
+    python3 -m pytest -q -p no:cacheprovider tests/test_flash_attention.py tests/test_model.py -k "gpu and flash" \
+        2>&1 | tail -3 | tee "$work/tests.txt"
+    stamp "bench attention"
+    timeout $T python3 -m sadiffuseq bench attention --lengths ${LENGTHS:-8192,32768,131072} --no-naive --reps 20 \
+        --backends ${BACKENDS:-flash} --schedules ${SCHEDULES:-split} --flex-compile default --out "$work" \
+        > "$work/attention.log" 2>&1; tail -5 "$work/attention.log"
+    for L in ${MODEL_LENGTHS:-8192 32768}; do
+      stamp "bench model $L compiled, attention auto (flash)"
+      timeout $T python3 -m sadiffuseq bench model --lengths $L --reps ${MODEL_REPS:-5} --compile \
+          --model.dilations=[1,1,1,1,1,1,4,4,4,4,4,4] --model.window=256 --model.global_first=16 ${MODEL_FLAGS:-} \
+          --out "$work/model" > "$work/model-$L.log" 2>&1; tail -3 "$work/model-$L.log"
+    done ;;
+  *) echo "unknown PART=$PART (kernel, modes, diag, model, moe or flash)"; exit 2 ;;
 esac
 stamp "done"

@@ -104,12 +104,12 @@ def test_compiled_blocks_trace_the_flex_attention_into_one_graph(schedule):
 
 def test_layers_of_one_pattern_share_a_plan():
     model = _flex_model("auto", n_layers=3, layer_windows=[8, 16, 8])
-    plans = model._flex_plans(300, torch.device("cpu"), None)
+    plans = model._plans(300, torch.device("cpu"), None, torch.float32, 1)
     assert len(plans) == 2  # windows 8 and 16
     first, third = (model.blocks[i].attn.plan_key for i in (0, 2))
     assert first == third and plans[first].in_block_graph and plans[first].n_global == 0  # inline below 16k
     dense = Denoiser(ModelConfig(d_model=32, n_heads=2, n_layers=1, d_emb=8), 50)
-    assert dense._flex_plans(300, torch.device("cpu"), None) is None
+    assert dense._plans(300, torch.device("cpu"), None, torch.float32, 1) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs a CUDA GPU")
@@ -157,6 +157,34 @@ def test_compiled_sparse_moe_model_matches_eager_in_bf16_on_gpu():
         torch.testing.assert_close(p_c.grad, p.grad, rtol=5e-2, atol=5e-3, msg=name)
     with torch._dynamo.config.patch(error_on_recompile=True):
         step(compiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_flash_model_matches_eager_in_bf16_on_gpu():
+    """The default on a GPU in bf16 — the flash backend (FlashAttention-2 band, run between the compiled parts of
+    each block) — compiled against eager, with packed documents, and against the flex backend."""
+    import copy
+
+    eager = _flex_model("auto", attention_backend="flash").cuda()
+    compiled = copy.deepcopy(eager).compile_blocks()
+    flex = copy.deepcopy(eager)
+    for block in flex.blocks:
+        block.attn.backend = "flex"
+    x, t = torch.randn(2, 1000, 8, device="cuda"), torch.tensor([3, 900], device="cuda")
+    docs = torch.tensor([[0] * 400 + [1] * 600, [0] * 1000], device="cuda")
+
+    def step(model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(x, t, docs)
+        y.float().square().mean().backward()
+        return y.detach().float()
+
+    reference = step(flex)
+    torch.testing.assert_close(step(eager), reference, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(step(compiled), reference, rtol=2e-2, atol=2e-2)
+    for (name, p), p_c, p_f in zip(eager.named_parameters(), compiled.parameters(), flex.parameters()):
+        torch.testing.assert_close(p.grad, p_f.grad, rtol=5e-2, atol=5e-3, msg=name)
+        torch.testing.assert_close(p_c.grad, p_f.grad, rtol=5e-2, atol=5e-3, msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs a CUDA GPU")

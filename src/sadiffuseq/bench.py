@@ -131,22 +131,32 @@ def naive_flex(cfg: ModelConfig, length: int, device):
 def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, window: int = 256,
                     dilated_heads: int = 8, dilation: int = 4, n_global: int = 16, batch: int = 1,
                     naive: bool = True, reps: int = 10, out_dir: str | Path = "bench_out",
-                    schedules: tuple[str, ...] = GLOBAL_SCHEDULES, compile_mode: str = "auto") -> list[dict]:
-    """Dense SDPA vs the sparse pattern (fwd+bwd, bf16) per length. The ``sparse_*`` columns are the default
-    global-token schedule (``model.flex_globals``, resolved per length) when it is among ``schedules``, else the
-    first of them; ``<schedule>_ms`` columns are every timed schedule. Times are synchronised after every call
-    (latency, :func:`cuda_time_ms`); the ``*_queued_ms`` columns and ``queued_speedup`` queue the calls back to back
-    (:func:`queued_time_ms`), which hides the host where the GPU is the bottleneck. ``compile_mode``:
-    ``model.flex_compile`` for the sparse attention."""
+                    schedules: tuple[str, ...] = GLOBAL_SCHEDULES, compile_mode: str = "auto",
+                    backends: tuple[str, ...] = ("flash", "flex")) -> list[dict]:
+    """Dense SDPA vs the sparse pattern (fwd+bwd, bf16) per length, on the sparse ``backends`` (``flash``: the
+    band through FlashAttention-2's sliding window, the default on CUDA; ``flex``: FlexAttention, timed under
+    each global-token schedule of ``schedules``). The ``sparse_*`` columns are ``flash`` when it is timed, else
+    flex under the default global-token schedule (``model.flex_globals``, resolved per length) when it is among
+    ``schedules``, else the first of them; ``flash_ms`` and ``<schedule>_ms`` columns are every timed variant.
+    Times are synchronised after every call (latency, :func:`cuda_time_ms`); the ``*_queued_ms`` columns and
+    ``queued_speedup`` queue the calls back to back (:func:`queued_time_ms`), which hides the host where the GPU
+    is the bottleneck. ``compile_mode``: ``model.flex_compile`` for FlexAttention."""
     bad = [s for s in schedules if s not in GLOBAL_SCHEDULES]
     if bad:
         raise UserError(f"unknown global-token schedule(s) {bad}; choose from {', '.join(GLOBAL_SCHEDULES)}")
+    bad = [b for b in backends if b not in ("flash", "flex")]
+    if bad or not backends:
+        raise UserError(f"unknown sparse backend(s) {bad}; choose from flash, flex")
+    if "flex" not in backends:
+        schedules = ()
     cfg = pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global, backend="flex",
                          compile_mode=compile_mode)  # checks the mode
     if not torch.cuda.is_available():
         raise UserError("bench attention measures GPU kernels (FlexAttention, fused SDPA): it needs a CUDA GPU")
     device = torch.device("cuda")
     layer = SparseSelfAttention(cfg).to(device)
+    flash_layer = SparseSelfAttention(pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global,
+                                                     backend="flash")).to(device)
     rows = []
     for L in tqdm(lengths, desc="lengths"):
         torch.manual_seed(0)
@@ -156,12 +166,17 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         dense_step = _fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v, grad)
         dense_ms = cuda_time_ms(dense_step, reps=reps)
         dense_queued_ms = queued_time_ms(dense_step, reps=reps)
-        # the same pattern under each global-token schedule (attention/backends.py); the configured one is "sparse"
+        # flash, then flex under each global-token schedule (attention/backends.py); the default is "sparse"
         default = resolve_schedule(cfg.flex_globals, L)
         if schedules and default not in schedules:  # only the schedules asked for are timed
             default = schedules[0]
         schedule_ms, schedule_queued_ms = {}, {}
-        for schedule in dict.fromkeys([default, *schedules]):
+        if "flash" in backends:
+            default = "flash"
+            step = _fwd_bwd(flash_layer.attend, q, k, v, grad)
+            schedule_ms["flash"] = cuda_time_ms(step, reps=reps)
+            schedule_queued_ms["flash"] = queued_time_ms(step, reps=reps)
+        for schedule in dict.fromkeys(schedules):
             layer.global_schedule = schedule
             step = _fwd_bwd(layer.attend, q, k, v, grad)
             schedule_ms[schedule] = cuda_time_ms(step, reps=reps)
@@ -174,7 +189,7 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         density = block_density(block_mask_for(all_heads, L))
         row = {"length": L, "dense_ms": dense_ms, "sparse_ms": sparse_ms, "density": density,
                "ideal_ms": density * dense_ms, "efficiency": density * dense_ms / sparse_ms,
-               "speedup": dense_ms / sparse_ms, "schedule": default,
+               "speedup": dense_ms / sparse_ms, "schedule": default if default == "flash" else f"flex {default}",
                "compile": resolve_compile_mode(compile_mode, L), "dense_queued_ms": dense_queued_ms,
                "sparse_queued_ms": schedule_queued_ms[default],
                "queued_speedup": dense_queued_ms / schedule_queued_ms[default]}
@@ -520,10 +535,11 @@ def _plot_attention(rows: list[dict], path: Path, cfg: ModelConfig) -> None:
     L = [r["length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     ax.loglog(L, [r["dense_ms"] for r in rows], "o-", label="dense SDPA (fused kernel)")
-    schedules = [s for s in GLOBAL_SCHEDULES if all(f"{s}_ms" in r for r in rows)]
-    for schedule, marker in zip(schedules, "sdv"):
-        ax.loglog(L, [r[f"{schedule}_ms"] for r in rows], marker + "-",
-                  label=f"sparse, globals {schedule}")
+    variants = [s for s in ("flash", *GLOBAL_SCHEDULES) if all(f"{s}_ms" in r for r in rows)]
+    for variant, marker in zip(variants, "*sdv"):
+        ax.loglog(L, [r[f"{variant}_ms"] for r in rows], marker + "-",
+                  label="sparse, flash (FlashAttention-2 band)" if variant == "flash"
+                  else f"sparse, flex, globals {variant}")
     ax.loglog(L, [r["ideal_ms"] for r in rows], ":", color="gray", label="ideal = density × dense")
     if "naive_ms" in rows[0]:
         ax.loglog(L, [r["naive_ms"] for r in rows], "^--", label="naive FlexAttention mask")

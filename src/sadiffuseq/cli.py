@@ -201,7 +201,8 @@ def cmd_bench(args, extra, parser) -> None:
         rows = bench.bench_attention(lengths, args.heads, args.head_dim, args.window, args.dilated_heads,
                                      args.dilation, args.globals, args.batch, not args.no_naive, args.reps, args.out,
                                      tuple(s.strip() for s in args.schedules.split(",") if s.strip()),
-                                     args.flex_compile)
+                                     args.flex_compile,
+                                     tuple(s.strip() for s in args.backends.split(",") if s.strip()))
         print(bench.format_rows(rows))
         print(f"written {args.out}/attention.csv and {args.out}/attention.png")
     elif args.what == "moe":
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention: torch.compile mode of the sparse attention (model.flex_compile): auto "
                    "(autotuned kernels from 16k tokens), default, max-autotune-no-cudagraphs, reduce-overhead "
                    "(CUDA graphs) or max-autotune")
+    p.add_argument("--backends", default="flash,flex",
+                   help="attention: sparse backends to time (default flash,flex; flash is the sparse_ms column "
+                   "when listed)")
     p.add_argument("--schedules", default="inline,split",
                    help="attention: global-token schedules to time (default inline,split; the default "
                    "schedule, model.flex_globals resolved per length, is the sparse_ms column when listed, else the first one)")

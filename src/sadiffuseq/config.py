@@ -46,7 +46,8 @@ class ModelConfig:
     global_first: int = 16  # the first n positions of a row ([BOS] + source start) are global tokens
     global_every: int = 0  # also every k-th position (0: none)
     global_proj: bool = False  # Longformer's separate q/k/v projections for the global attention rows
-    attention_backend: str = "auto"  # auto (flex on CUDA, banded on CPU), flex, banded, dense (reference, O(L²))
+    # auto (flash on CUDA in bf16/fp16, else flex; banded on the CPU), flash, flex, banded, dense (reference, O(L²))
+    attention_backend: str = "auto"
     flex_globals: str = "auto"  # flex: global-token schedule: auto (split from 16k tokens), inline, split
     # flex: torch.compile mode of the attention region: auto (max-autotune-no-cudagraphs from 16k tokens, default
     # below), default, max-autotune-no-cudagraphs (searches the kernels' tile sizes: minutes more for the first
@@ -79,7 +80,7 @@ class ModelConfig:
             )
         _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         _choice(self, "attention", ("dense", "sparse"))
-        _choice(self, "attention_backend", ("auto", "flex", "banded", "dense"))
+        _choice(self, "attention_backend", ("auto", "flash", "flex", "banded", "dense"))
         if self.flex_globals == "copies":  # an earlier schedule of the same function, retired: split replaces it
             self.flex_globals = "split"
         _choice(self, "flex_globals", ("auto", "inline", "split"))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sadiffuseq.attention import patterns
+from sadiffuseq.attention import flash, patterns
 from sadiffuseq.attention.backends import FlexPlan, flex_plan, resolve_backend, run_flex_plan, run_group
 from sadiffuseq.attention.rotary import apply_rotary
 from sadiffuseq.config import ModelConfig
@@ -37,6 +37,7 @@ class SparseSelfAttention(nn.Module):
         self.backend = cfg.attention_backend
         self.global_schedule = cfg.flex_globals
         self.compile_mode = cfg.flex_compile
+        self.flash_kernel = "fa2"  # the reference kernel (plain PyTorch) lets tests run the flash backend on a CPU
         dilations = cfg.dilations or [1] * cfg.n_heads
         self.dilations = tuple(dilations)
         # (dilation, head indices) groups; ``head_order`` restores the original head order after concatenation.
@@ -53,7 +54,7 @@ class SparseSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         plan = ctx.plans.get(self.plan_key) if getattr(ctx, "plans", None) else None
-        if plan is not None and plan.in_block_graph and torch.compiler.is_compiling():
+        if isinstance(plan, FlexPlan) and plan.in_block_graph and torch.compiler.is_compiling():
             y = run_flex_plan(q, k, v, plan)  # traced into the compiled block's graph: no graph break
         else:
             y = self.attend(q, k, v, ctx.doc_ids, plan)
@@ -67,11 +68,28 @@ class SparseSelfAttention(nn.Module):
         return (self.backend, self.head_dim, self.window, self.global_first, self.global_every, self.dilations,
                 self.global_schedule, self.compile_mode)
 
+    def plan(self, length: int, device: torch.device, doc_ids=None, dtype: torch.dtype | None = None,
+             batch: int = 1):
+        """This layer's plan for ``length`` tokens on the backend it resolves to for ``dtype``: a
+        :class:`~sadiffuseq.attention.backends.FlexPlan` or a :class:`~sadiffuseq.attention.flash.FlashPlan`, None
+        for the backends that need none."""
+        backend = resolve_backend(self.backend, torch.device(device), self.head_dim, dtype)
+        if backend == "flash":
+            return self.flash_plan(length, device, doc_ids, batch)
+        return self.flex_plan(length, device, doc_ids) if backend == "flex" else None
+
+    def flash_plan(self, length: int, device: torch.device, doc_ids=None, batch: int = 1) -> flash.FlashPlan:
+        """The ``flash`` backend's plan (head groups, token runs, global tokens) for ``batch`` rows of ``length``."""
+        if doc_ids is not None:
+            batch = doc_ids.shape[0]
+        return flash.plan_for(self.dilations, self.window, length, batch, torch.device(device), self.global_first,
+                              self.global_every, doc_ids, self.flash_kernel)
+
     def flex_plan(self, length: int, device: torch.device, doc_ids=None) -> FlexPlan | None:
         """This layer's FlexAttention plan for ``length`` tokens (token orders, BlockMask, schedule), or None where
         the layer does not run the ``flex`` backend. Made outside any compiled graph: the layouts and BlockMasks
         are cached in Python, which a graph cannot do."""
-        if resolve_backend(self.backend, torch.device(device), self.head_dim) != "flex":
+        if resolve_backend(self.backend, torch.device(device), self.head_dim, torch.float32) != "flex":
             return None
         heads = patterns.cached_head_layouts(length, self.global_first, self.global_every, self.dilations,
                                              self.window, device)
@@ -83,9 +101,20 @@ class SparseSelfAttention(nn.Module):
         """The sparse pattern on (B, H, L, hd) queries/keys/values (rotary already applied). ``plan``: the flex
         backend's plan when the caller has made it (see :meth:`flex_plan`)."""
         L = q.shape[2]
-        backend = resolve_backend(self.backend, q.device, self.head_dim)
+        backend = resolve_backend(self.backend, q.device, self.head_dim, q.dtype)
+        if backend == "flash":  # every head at once: the band through FlashAttention's sliding window
+            if not isinstance(plan, flash.FlashPlan):
+                if self.flash_kernel == "fa2" and not flash.kernel_supports(q.device, q.dtype, self.head_dim):
+                    raise ValueError(
+                        f"attention backend 'flash' needs a CUDA GPU, fp16/bf16 inputs and a head width that is a "
+                        f"multiple of 8 up to 256 (got {q.device.type}, {q.dtype}, {self.head_dim}); train in bf16 "
+                        f"(train.precision) or set model.attention_backend to auto, flex or banded")
+                plan = self.flash_plan(L, q.device, doc_ids, q.shape[0])
+            return flash.flash_attention(q, k, v, plan)
         if backend == "flex":  # every head at once, each on its own token order
-            return run_flex_plan(q, k, v, plan or self.flex_plan(L, q.device, doc_ids))
+            if not isinstance(plan, FlexPlan):
+                plan = self.flex_plan(L, q.device, doc_ids)
+            return run_flex_plan(q, k, v, plan)
         is_global = patterns.global_positions(L, self.global_first, self.global_every, device=q.device)
         outs = []
         start = 0

@@ -1,0 +1,379 @@
+"""The ``flash`` backend: the band through FlashAttention-2's sliding window, the global tokens around it.
+
+A window of half-width w is what FlashAttention-2 calls a local window (``window_size = (w, w)``): its kernels
+skip the tiles outside the band, in forward and backward, and PyTorch ships them (``aten._flash_attention_forward``
+and ``_backward``, the kernels behind ``F.scaled_dot_product_attention``'s flash path). So the sparse pattern is
+three pieces:
+
+* **the band** of every head, one kernel call per group of heads of equal dilation. A dilated head is an
+  ordinary window over each residue class mod d: with one row, no packed documents and d dividing L, the classes
+  are a *strided view* of the tokens — (L, H, hd) seen as (d, L/d, H, hd), batch = class — and the kernel reads
+  them in place (no permutation copy); otherwise the tokens are gathered class by class and every (row, class,
+  document) run is a sequence of FlashAttention's variable-length mode. Undilated heads with packed documents
+  use the variable-length mode over the documents directly.
+* **the global keys**: the G global tokens as keys of every query, an (L × G) product merged with the band by
+  log-sum-exp (split-K algebra). A global key inside a query's own band is already counted by the band, so the
+  product leaves out exactly those pairs.
+* **the global rows**: the G global queries attend to every key of their document, a (G × L) softmax that
+  replaces those rows.
+
+The backward of the band uses the kernel's own backward with the *merged* output and log-sum-exp — the rule
+ring attention uses for its blocks: FlashAttention's backward recomputes P = exp(S − lse) and
+dS = P ∘ (dP − rowsum(dO ∘ O)); given the final O and lse those are the final attention probabilities and the
+exact gradient of each band entry, so no gradient has to flow through the partial log-sum-exps.
+
+Kernels: ``fa2`` (CUDA, fp16/bf16, head width a multiple of 8 up to 256) and ``reference``, the same contract
+in plain PyTorch (fp32, O(L²) per sequence) so that the CPU tests check everything here except the CUDA kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sadiffuseq.attention import patterns
+
+# ---------------------------------------------------------------------------------------------------------
+# the band kernels: (q, k, v) in FlashAttention's layout — (B, L, H, hd), or (total, H, hd) with cumulative
+# sequence starts ``cu`` (int32, S + 1) — and a window w; out, lse ((B, H, L) or (H, total), fp32) and a state
+# the backward gets back.
+
+
+def _fa2_forward(q, k, v, cu, max_len: int, w: int, scale: float):
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, 0.0, False, False, scale=scale, window_size_left=w, window_size_right=w)
+    return out, lse, (rng, unused)
+
+
+def _fa2_backward(dout, q, k, v, out, lse, cu, max_len: int, w: int, scale: float, state):
+    rng, unused = state
+    return torch.ops.aten._flash_attention_backward(
+        dout, q, k, v, out, lse, cu, cu, max_len, max_len, 0.0, False, rng, unused, scale=scale,
+        window_size_left=w, window_size_right=w)
+
+
+def _sequences(x, cu):
+    """The sequences of a kernel input: (B, L, H, hd) -> its B rows; (total, H, hd) + cu -> the runs."""
+    if cu is None:
+        return list(x.unbind(0))
+    starts = cu.tolist()
+    return [x[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _band(n: int, w: int, device) -> torch.Tensor:
+    i = torch.arange(n, device=device)
+    return (i[:, None] - i[None, :]).abs() <= w
+
+
+def _reference_forward(q, k, v, cu, max_len: int, w: int, scale: float):
+    outs, lses = [], []
+    for qs, ks, vs in zip(_sequences(q, cu), _sequences(k, cu), _sequences(v, cu)):
+        s = torch.einsum("ihd,jhd->hij", qs.float(), ks.float()) * scale
+        s = s.masked_fill(~_band(qs.shape[0], w, q.device), float("-inf"))
+        lse = s.logsumexp(-1)
+        outs.append(torch.einsum("hij,jhd->ihd", torch.exp(s - lse[..., None]), vs.float()).to(q.dtype))
+        lses.append(lse)
+    if cu is None:
+        return torch.stack(outs), torch.stack(lses), None
+    return torch.cat(outs), torch.cat(lses, dim=1), None
+
+
+def _reference_backward(dout, q, k, v, out, lse, cu, max_len: int, w: int, scale: float, state):
+    """FlashAttention's backward in plain PyTorch, with the given (merged) ``out`` and ``lse``."""
+    lse_seqs = list(lse.unbind(0)) if cu is None else [lse[:, a:b] for a, b in zip(cu.tolist()[:-1], cu.tolist()[1:])]
+    grads = []
+    for do, qs, ks, vs, os_, ls in zip(_sequences(dout, cu), _sequences(q, cu), _sequences(k, cu),
+                                       _sequences(v, cu), _sequences(out, cu), lse_seqs):
+        do, qs, ks, vs, os_ = (t.float() for t in (do, qs, ks, vs, os_))
+        s = torch.einsum("ihd,jhd->hij", qs, ks) * scale
+        p = torch.exp(s - ls[..., None]).masked_fill(~_band(qs.shape[0], w, q.device), 0.0)
+        dp = torch.einsum("ihd,jhd->hij", do, vs)
+        ds = p * (dp - (do * os_).sum(-1).t()[..., None])
+        grads.append((torch.einsum("hij,jhd->ihd", ds, ks) * scale, torch.einsum("hij,ihd->jhd", ds, qs) * scale,
+                      torch.einsum("hij,ihd->jhd", p, do)))
+    join = torch.stack if cu is None else torch.cat
+    return tuple(join([g[i] for g in grads]).to(q.dtype) for i in range(3))
+
+
+KERNELS = {"fa2": (_fa2_forward, _fa2_backward), "reference": (_reference_forward, _reference_backward)}
+
+
+def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the ``fa2`` kernels run these inputs (CUDA, fp16/bf16, head width a multiple of 8, at most 256)."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
+            and head_dim <= 256)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the plan: what is decided in Python before the kernels run
+
+
+@dataclass(frozen=True, eq=False)
+class BandGroup:
+    """The heads of one dilation and how their tokens reach the kernel.
+
+    ``mode``: ``"rows"`` — (B, L, h, hd) as is; ``"classes"`` — the strided view (d, L/d, h, hd) of a single row;
+    ``"runs"`` — tokens gathered by ``order`` (L,) (None: original order) and flattened to (B·L, h, hd), every
+    run between consecutive ``cu`` entries one sequence of the variable-length kernel."""
+
+    heads: slice | torch.Tensor
+    dilation: int
+    mode: str
+    order: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
+    cu: torch.Tensor | None = None
+    max_len: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class FlashPlan:
+    """Everything the ``flash`` backend decides before its kernels run, for one (length, pattern, documents)."""
+
+    groups: tuple[BandGroup, ...]
+    window: int
+    kernel: str
+    global_pos: torch.Tensor | None  # (G,) original positions of the global tokens, or None
+    skip: torch.Tensor | None  # (B|1, H, L, G) bool: the global key is in the query's band or another document
+    doc_ids: torch.Tensor | None  # (B, L) for the global rows, or None
+
+
+def _runs(doc_ids: torch.Tensor | None, B: int, L: int, order: torch.Tensor | None, dilation: int) -> tuple:
+    """Cumulative starts of the (row, class, document) runs of tokens laid out by ``order`` (host computation)."""
+    pos = torch.arange(L) if order is None else order.cpu()
+    key = pos % dilation
+    docs = None if doc_ids is None else doc_ids.cpu()[:, pos]
+    starts = []
+    for b in range(B):
+        change = torch.ones(L, dtype=torch.bool)
+        change[1:] = key[1:] != key[:-1]
+        if docs is not None:
+            change[1:] |= docs[b, 1:] != docs[b, :-1]
+        starts.extend((b * L + change.nonzero().squeeze(1)).tolist())
+    starts.append(B * L)
+    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    return starts, max(lengths)
+
+
+def make_plan(dilations: tuple[int, ...], window: int, length: int, batch: int, device: torch.device,
+              global_first: int = 16, global_every: int = 0, doc_ids: torch.Tensor | None = None,
+              kernel: str = "fa2") -> FlashPlan:
+    """The plan for heads of the given dilations (one per head) on ``batch`` rows of ``length`` tokens.
+
+    With packed documents (``doc_ids`` (B, L)) the runs are found on the host: one device-to-host copy per plan,
+    and a model makes one plan per forward for all its layers."""
+    L, B = length, batch
+    groups = []
+    for d in sorted(set(dilations)):
+        members = [h for h, dh in enumerate(dilations) if dh == d]
+        heads = slice(members[0], members[-1] + 1) if members == list(range(members[0], members[-1] + 1)) \
+            else torch.tensor(members, device=device)
+        if doc_ids is None and (d == 1 or (B == 1 and L % d == 0)):
+            groups.append(BandGroup(heads, d, "rows" if d == 1 else "classes"))
+            continue
+        order = None
+        if d > 1:  # residue classes in turn, each in its original order
+            pos = torch.arange(L)
+            order = torch.cat([pos[r::d] for r in range(d)])
+        starts, max_len = _runs(doc_ids, B, L, order, d)
+        cu = torch.tensor(starts, dtype=torch.int32).to(device)
+        if order is not None:
+            order = order.to(device)
+            groups.append(BandGroup(heads, d, "runs", order, order.argsort(), cu, max_len))
+        else:
+            groups.append(BandGroup(heads, d, "runs", None, None, cu, max_len))
+    is_global = patterns.global_positions(L, global_first, global_every, device=device)
+    global_pos = skip = None
+    if bool(is_global.any()):
+        global_pos = is_global.nonzero().squeeze(1)
+        i = torch.arange(L, device=device)[:, None]
+        offset = i - global_pos[None, :]  # (L, G)
+        dil = torch.tensor(dilations, device=device)[:, None, None]
+        in_band = (offset % dil == 0) & (offset.abs() <= window * dil)  # (H, L, G)
+        skip = in_band[None]
+        if doc_ids is not None:
+            skip = skip | (doc_ids[:, None, :, None] != doc_ids[:, None, global_pos][:, :, None, :])
+    return FlashPlan(tuple(groups), window, kernel, global_pos, skip, doc_ids)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(dilations, window, length, batch, device_str, global_first, global_every, kernel) -> FlashPlan:
+    return make_plan(dilations, window, length, batch, torch.device(device_str), global_first, global_every, None,
+                     kernel)
+
+
+def plan_for(dilations: tuple[int, ...], window: int, length: int, batch: int, device: torch.device,
+             global_first: int = 16, global_every: int = 0, doc_ids: torch.Tensor | None = None,
+             kernel: str = "fa2") -> FlashPlan:
+    """:func:`make_plan`, cached per (pattern, length, batch) when no documents are packed."""
+    if doc_ids is not None:
+        return make_plan(tuple(dilations), window, length, batch, device, global_first, global_every, doc_ids,
+                         kernel)
+    return _cached_plan(tuple(dilations), window, length, batch, str(device), global_first, global_every, kernel)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token layouts of one group: (B, L, h, hd) <-> the kernel's layout
+
+
+def _to_kernel(x: torch.Tensor, g: BandGroup) -> torch.Tensor:
+    B, L, h, D = x.shape
+    if g.mode == "rows":
+        return x
+    if g.mode == "classes":
+        return x[0].view(L // g.dilation, g.dilation, h, D).transpose(0, 1)
+    if g.order is not None:
+        x = x.index_select(1, g.order)
+    return x.reshape(B * L, h, D)
+
+
+def _from_kernel(y: torch.Tensor, g: BandGroup, B: int, L: int) -> torch.Tensor:
+    if g.mode == "rows":
+        return y
+    if g.mode == "classes":
+        return y.transpose(0, 1).reshape(1, L, *y.shape[2:])
+    y = y.view(B, L, *y.shape[1:])
+    return y if g.inverse is None else y.index_select(1, g.inverse)
+
+
+def _lse_from_kernel(lse: torch.Tensor, g: BandGroup, B: int, L: int) -> torch.Tensor:
+    """The kernel's log-sum-exp -> (B, h, L) in original order."""
+    if g.mode == "rows":
+        return lse
+    if g.mode == "classes":  # (d, h, L/d) -> (1, h, L)
+        return lse.permute(1, 2, 0).reshape(1, lse.shape[1], L)
+    lse = lse.view(lse.shape[0], B, L).transpose(0, 1)  # (h, B·L) -> (B, h, L)
+    return lse if g.inverse is None else lse.index_select(2, g.inverse)
+
+
+def _lse_to_kernel(lse: torch.Tensor, g: BandGroup) -> torch.Tensor:
+    B, h, L = lse.shape
+    if g.mode == "rows":
+        return lse.contiguous()
+    if g.mode == "classes":
+        return lse[0].view(h, L // g.dilation, g.dilation).permute(2, 0, 1).contiguous()
+    if g.order is not None:
+        lse = lse.index_select(2, g.order)
+    return lse.transpose(0, 1).reshape(h, B * L).contiguous()
+
+
+def _heads(x: torch.Tensor, heads) -> torch.Tensor:
+    return x[:, :, heads] if isinstance(heads, slice) else x.index_select(2, heads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# band + global keys, one autograd node
+
+
+def _global_key_scores(q, k_g, skip, scale):
+    """(B, L, H, hd) queries against (B, G, H, hd) global keys -> (B, H, L, G) fp32 scores, skipped pairs -inf."""
+    s = torch.einsum("blhd,bghd->bhlg", q, k_g).float() * scale
+    return s.masked_fill(skip, float("-inf"))
+
+
+def _chunked_t_matmul(a: torch.Tensor, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """(B, H, L, G)ᵀ · (B, L, H, hd) -> (B, G, H, hd), the inner dimension L cut into chunks (split-K): one GEMM
+    over the whole sequence would leave most of the GPU idle (its output is a tile or two)."""
+    B, H, L, G = a.shape
+    pad = -L % chunk
+    x = x.transpose(1, 2)  # (B, H, L, hd)
+    if pad:
+        a, x = F.pad(a, (0, 0, 0, pad)), F.pad(x, (0, 0, 0, pad))
+    n = (L + pad) // chunk
+    prod = a.view(B, H, n, chunk, G).transpose(-1, -2) @ x.reshape(B, H, n, chunk, x.shape[-1])
+    return prod.float().sum(2).transpose(1, 2)
+
+
+class _BandAndGlobalKeys(torch.autograd.Function):
+    """Band attention of every head merged with the global keys; (B, L, H, hd) in and out."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: FlashPlan):
+        B, L, H, D = q.shape
+        scale = D ** -0.5
+        forward_kernel = KERNELS[plan.kernel][0]
+        out = q.new_empty(B, L, H, D)
+        lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+        states = []
+        for g in plan.groups:
+            qg, kg, vg = (_to_kernel(_heads(t, g.heads), g) for t in (q, k, v))
+            o, s, state = forward_kernel(qg, kg, vg, g.cu, g.max_len or qg.shape[1], plan.window, scale)
+            out[:, :, g.heads] = _from_kernel(o, g, B, L)
+            lse[:, g.heads] = _lse_from_kernel(s, g, B, L)
+            states.append(state)
+        if plan.global_pos is not None:
+            k_g, v_g = k[:, plan.global_pos], v[:, plan.global_pos]
+            s = _global_key_scores(q, k_g, plan.skip, scale)
+            merged = torch.logaddexp(lse, s.logsumexp(-1))
+            band_weight = torch.exp(lse - merged).transpose(1, 2)[..., None]  # (B, L, H, 1)
+            p = torch.exp(s - merged[..., None]).to(q.dtype)
+            out = (out.float() * band_weight + torch.einsum("bhlg,bghd->blhd", p, v_g).float()).to(q.dtype)
+            lse = merged
+        ctx.plan, ctx.states = plan, states
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        B, L, H, D = q.shape
+        scale = D ** -0.5
+        backward_kernel = KERNELS[plan.kernel][1]
+        dout = dout.contiguous()
+        dq, dk, dv = (torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+        for g, state in zip(plan.groups, ctx.states):
+            args = [_to_kernel(_heads(t, g.heads), g) for t in (dout, q, k, v, out)]
+            grads = backward_kernel(*args, _lse_to_kernel(lse[:, g.heads], g), g.cu,
+                                    g.max_len or args[1].shape[1], plan.window, scale, state)
+            for full, part in zip((dq, dk, dv), grads):
+                full[:, :, g.heads] = _from_kernel(part, g, B, L)
+        if plan.global_pos is not None:
+            k_g, v_g = k[:, plan.global_pos], v[:, plan.global_pos]
+            p = torch.exp(_global_key_scores(q, k_g, plan.skip, scale) - lse[..., None])  # (B, H, L, G)
+            row_dot = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, L)
+            dp = torch.einsum("blhd,bghd->bhlg", dout, v_g).float()
+            ds = (p * (dp - row_dot[..., None])).to(q.dtype)
+            dq = dq + (torch.einsum("bhlg,bghd->blhd", ds, k_g).float() * scale).to(q.dtype)
+            dk = dk.index_add(1, plan.global_pos, (_chunked_t_matmul(ds, q) * scale).to(q.dtype))
+            dv = dv.index_add(1, plan.global_pos, _chunked_t_matmul(p.to(q.dtype), dout).to(q.dtype))
+        return dq, dk, dv, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the global rows and the whole backend
+
+
+def _global_rows(q, k, v, global_pos, doc_ids, chunk: int = 256):
+    """The G global queries against every key of their document: (B, L, H, hd) in, (B, G, H, hd) out. The
+    softmax runs over chunks of ``chunk`` keys (a batch of short GEMMs instead of one with a sequence-long inner
+    dimension), normalised once over all chunks."""
+    B, L, H, D = q.shape
+    q_g = q[:, global_pos].transpose(1, 2)  # (B, H, G, hd)
+    pad = -L % chunk
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, hd)
+    if pad:
+        kt, vt = F.pad(kt, (0, 0, 0, pad)), F.pad(vt, (0, 0, 0, pad))
+    n = (L + pad) // chunk
+    kc, vc = kt.reshape(B, H, n, chunk, D), vt.reshape(B, H, n, chunk, D)
+    s = (q_g[:, :, None] @ kc.transpose(-1, -2)).float() * D ** -0.5  # (B, H, n, G, chunk)
+    valid = torch.arange(L + pad, device=q.device) < L
+    allowed = valid.view(1, 1, n, 1, chunk)
+    if doc_ids is not None:
+        docs = F.pad(doc_ids, (0, pad), value=-1).view(B, 1, n, 1, chunk)
+        allowed = allowed & (docs == doc_ids[:, global_pos].view(B, 1, 1, -1, 1))
+    s = s.masked_fill(~allowed, float("-inf"))
+    e = torch.exp(s - s.amax(dim=(2, 4), keepdim=True))
+    rows = (e.to(v.dtype) @ vc).float().sum(2) / e.sum(dim=(2, 4))[..., None]  # (B, H, G, hd)
+    return rows.to(q.dtype).transpose(1, 2)
+
+
+def flash_attention(q, k, v, plan: FlashPlan) -> torch.Tensor:
+    """Every head of a layer through the plan: (B, H, L, hd) in original token order in and out."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # FlashAttention's (B, L, H, hd): views
+    out = _BandAndGlobalKeys.apply(qt, kt, vt, plan)
+    if plan.global_pos is not None:
+        out = out.index_copy(1, plan.global_pos, _global_rows(qt, kt, vt, plan.global_pos, plan.doc_ids))
+    return out.transpose(1, 2)
