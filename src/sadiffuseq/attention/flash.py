@@ -119,7 +119,7 @@ class BandGroup:
     ``"runs"`` — tokens gathered by ``order`` (L,) (None: original order) and flattened to (B·L, h, hd), every
     run between consecutive ``cu`` entries one sequence of the variable-length kernel."""
 
-    heads: slice | torch.Tensor
+    heads: tuple[int, ...]
     dilation: int
     mode: str
     order: torch.Tensor | None = None
@@ -167,9 +167,7 @@ def make_plan(dilations: tuple[int, ...], window: int, length: int, batch: int, 
     L, B = length, batch
     groups = []
     for d in sorted(set(dilations)):
-        members = [h for h, dh in enumerate(dilations) if dh == d]
-        heads = slice(members[0], members[-1] + 1) if members == list(range(members[0], members[-1] + 1)) \
-            else torch.tensor(members, device=device)
+        heads = tuple(h for h, dh in enumerate(dilations) if dh == d)
         if doc_ids is None and (d == 1 or (B == 1 and L % d == 0)):
             groups.append(BandGroup(heads, d, "rows" if d == 1 else "classes"))
             continue
@@ -215,56 +213,69 @@ def plan_for(dilations: tuple[int, ...], window: int, length: int, batch: int, d
 
 
 # ---------------------------------------------------------------------------------------------------------
-# token layouts of one group: (B, L, h, hd) <-> the kernel's layout
+# token layouts of one group: (B, L, h, hd) <-> the kernel's layout. ``mode``, ``d``: the group's; ``order`` and
+# ``inverse``: its gather (runs mode) or None.
 
 
-def _to_kernel(x: torch.Tensor, g: BandGroup) -> torch.Tensor:
+def _to_kernel(x: torch.Tensor, mode: str, d: int, order) -> torch.Tensor:
     B, L, h, D = x.shape
-    if g.mode == "rows":
+    if mode == "rows":
         return x
-    if g.mode == "classes":
-        return x[0].view(L // g.dilation, g.dilation, h, D).transpose(0, 1)
-    if g.order is not None:
-        x = x.index_select(1, g.order)
+    if mode == "classes":
+        return x[0].view(L // d, d, h, D).transpose(0, 1)
+    if order is not None:
+        x = x.index_select(1, order)
     return x.reshape(B * L, h, D)
 
 
-def _from_kernel(y: torch.Tensor, g: BandGroup, B: int, L: int) -> torch.Tensor:
-    if g.mode == "rows":
+def _from_kernel(y: torch.Tensor, mode: str, inverse, B: int, L: int) -> torch.Tensor:
+    if mode == "rows":
         return y
-    if g.mode == "classes":
+    if mode == "classes":
         return y.transpose(0, 1).reshape(1, L, *y.shape[2:])
     y = y.view(B, L, *y.shape[1:])
-    return y if g.inverse is None else y.index_select(1, g.inverse)
+    return y if inverse is None else y.index_select(1, inverse)
 
 
-def _lse_from_kernel(lse: torch.Tensor, g: BandGroup, B: int, L: int) -> torch.Tensor:
+def _lse_from_kernel(lse: torch.Tensor, mode: str, inverse, B: int, L: int) -> torch.Tensor:
     """The kernel's log-sum-exp -> (B, h, L) in original order."""
-    if g.mode == "rows":
+    if mode == "rows":
         return lse
-    if g.mode == "classes":  # (d, h, L/d) -> (1, h, L)
+    if mode == "classes":  # (d, h, L/d) -> (1, h, L)
         return lse.permute(1, 2, 0).reshape(1, lse.shape[1], L)
     lse = lse.view(lse.shape[0], B, L).transpose(0, 1)  # (h, B·L) -> (B, h, L)
-    return lse if g.inverse is None else lse.index_select(2, g.inverse)
+    return lse if inverse is None else lse.index_select(2, inverse)
 
 
-def _lse_to_kernel(lse: torch.Tensor, g: BandGroup) -> torch.Tensor:
+def _lse_to_kernel(lse: torch.Tensor, mode: str, d: int, order) -> torch.Tensor:
     B, h, L = lse.shape
-    if g.mode == "rows":
+    if mode == "rows":
         return lse.contiguous()
-    if g.mode == "classes":
-        return lse[0].view(h, L // g.dilation, g.dilation).permute(2, 0, 1).contiguous()
-    if g.order is not None:
-        lse = lse.index_select(2, g.order)
+    if mode == "classes":
+        return lse[0].view(h, L // d, d).permute(2, 0, 1).contiguous()
+    if order is not None:
+        lse = lse.index_select(2, order)
     return lse.transpose(0, 1).reshape(h, B * L).contiguous()
 
 
-def _heads(x: torch.Tensor, heads) -> torch.Tensor:
-    return x[:, :, heads] if isinstance(heads, slice) else x.index_select(2, heads)
+def _heads(x: torch.Tensor, heads: tuple[int, ...], dim: int = 2) -> torch.Tensor:
+    if heads == tuple(range(heads[0], heads[0] + len(heads))):
+        return x.narrow(dim, heads[0], len(heads))
+    return x.index_select(dim, torch.tensor(heads, device=x.device))
+
+
+def _split_plan(plan: FlashPlan) -> tuple[tuple, tuple]:
+    """The plan as (static, tensors): the Python constants a compiled body specialises on, and the tensors it
+    takes as inputs (so a new batch of packed documents is new inputs, not a recompilation)."""
+    static = tuple((g.heads, g.dilation, g.mode, g.max_len) for g in plan.groups)
+    tensors = tuple((g.order, g.inverse, g.cu) for g in plan.groups)
+    return (plan.window, plan.kernel, static, plan.global_pos is not None), (tensors, plan.global_pos, plan.skip)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# band + global keys, one autograd node
+# band + global keys, one autograd node. The bodies are plain functions of tensors and constants, compiled on
+# CUDA (one graph each way: the layout copies, the log-sum-exp merge and the global-key products fuse around the
+# FlashAttention calls) and eager elsewhere.
 
 
 def _global_key_scores(q, k_g, skip, scale):
@@ -274,72 +285,106 @@ def _global_key_scores(q, k_g, skip, scale):
 
 
 def _chunked_t_matmul(a: torch.Tensor, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """(B, H, L, G)ᵀ · (B, L, H, hd) -> (B, G, H, hd), the inner dimension L cut into chunks (split-K): one GEMM
-    over the whole sequence would leave most of the GPU idle (its output is a tile or two)."""
+    """(B, H, L, G)ᵀ · (B, L, H, hd) -> (B, G, H, hd) in fp32, the inner dimension L cut into chunks (split-K):
+    one GEMM over the whole sequence would leave most of the GPU idle (its output is a tile or two)."""
     B, H, L, G = a.shape
     pad = -L % chunk
     x = x.transpose(1, 2)  # (B, H, L, hd)
     if pad:
         a, x = F.pad(a, (0, 0, 0, pad)), F.pad(x, (0, 0, 0, pad))
     n = (L + pad) // chunk
-    prod = a.view(B, H, n, chunk, G).transpose(-1, -2) @ x.reshape(B, H, n, chunk, x.shape[-1])
+    prod = a.reshape(B, H, n, chunk, G).transpose(-1, -2) @ x.reshape(B, H, n, chunk, x.shape[-1])
     return prod.float().sum(2).transpose(1, 2)
+
+
+def _forward_body(static, q, k, v, tensors):
+    (window, kernel, groups, has_globals), (group_tensors, global_pos, skip) = static, tensors
+    B, L, H, D = q.shape
+    scale = D ** -0.5
+    forward_kernel = KERNELS[kernel][0]
+    outs, lses, states = [], [], []
+    for (heads, d, mode, max_len), (order, inverse, cu) in zip(groups, group_tensors):
+        qg, kg, vg = (_to_kernel(_heads(t, heads), mode, d, order) for t in (q, k, v))
+        o, s, state = forward_kernel(qg, kg, vg, cu, max_len or qg.shape[1], window, scale)
+        outs.append(_from_kernel(o, mode, inverse, B, L))
+        lses.append(_lse_from_kernel(s, mode, inverse, B, L))
+        states.append(state)
+    out = _assemble(outs, groups, dim=2)
+    lse = _assemble(lses, groups, dim=1)
+    if has_globals:
+        k_g, v_g = k[:, global_pos], v[:, global_pos]
+        s = _global_key_scores(q, k_g, skip, scale)
+        merged = torch.logaddexp(lse, s.logsumexp(-1))
+        band_weight = torch.exp(lse - merged).transpose(1, 2)[..., None]  # (B, L, H, 1)
+        p = torch.exp(s - merged[..., None]).to(q.dtype)
+        out = (out * band_weight + torch.einsum("bhlg,bghd->blhd", p, v_g).float()).to(q.dtype)
+        lse = merged
+    return out.to(q.dtype), lse, states
+
+
+def _assemble(parts, groups, dim: int):
+    """The groups' parts -> all heads in their original order along ``dim``."""
+    joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    order = [h for heads, *_ in groups for h in heads]
+    if order == sorted(order):
+        return joined
+    return joined.index_select(dim, torch.tensor(order, device=joined.device).argsort())
+
+
+def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
+    (window, kernel, groups, has_globals), (group_tensors, global_pos, skip) = static, tensors
+    B, L, H, D = q.shape
+    scale = D ** -0.5
+    backward_kernel = KERNELS[kernel][1]
+    dout = dout.contiguous()
+    grads = [], [], []
+    for (heads, d, mode, max_len), (order, inverse, cu), state in zip(groups, group_tensors, states):
+        args = [_to_kernel(_heads(t, heads), mode, d, order) for t in (dout, q, k, v, out)]
+        parts = backward_kernel(*args, _lse_to_kernel(_heads(lse, heads, dim=1), mode, d, order), cu,
+                                max_len or args[1].shape[1], window, scale, state)
+        for full, part in zip(grads, parts):
+            full.append(_from_kernel(part, mode, inverse, B, L))
+    dq, dk, dv = (_assemble(g, groups, dim=2) for g in grads)
+    if has_globals:
+        k_g, v_g = k[:, global_pos], v[:, global_pos]
+        p = torch.exp(_global_key_scores(q, k_g, skip, scale) - lse[..., None])  # (B, H, L, G)
+        row_dot = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, L)
+        dp = torch.einsum("blhd,bghd->bhlg", dout, v_g).float()
+        ds = (p * (dp - row_dot[..., None])).to(q.dtype)
+        dq = (dq.float() + torch.einsum("bhlg,bghd->blhd", ds, k_g).float() * scale).to(q.dtype)
+        dk = dk.index_add(1, global_pos, (_chunked_t_matmul(ds, q) * scale).to(q.dtype))
+        dv = dv.index_add(1, global_pos, _chunked_t_matmul(p.to(q.dtype), dout).to(q.dtype))
+    return dq, dk, dv
+
+
+@functools.cache
+def _compiled(body):
+    from sadiffuseq.attention.backends import _allow_recompiles
+
+    _allow_recompiles()
+    return torch.compile(body, dynamic=False)
+
+
+def _run(body, device: torch.device, kernel: str, *args):
+    return (_compiled(body) if device.type == "cuda" and kernel == "fa2" else body)(*args)
 
 
 class _BandAndGlobalKeys(torch.autograd.Function):
     """Band attention of every head merged with the global keys; (B, L, H, hd) in and out."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: FlashPlan):
-        B, L, H, D = q.shape
-        scale = D ** -0.5
-        forward_kernel = KERNELS[plan.kernel][0]
-        out = q.new_empty(B, L, H, D)
-        lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-        states = []
-        for g in plan.groups:
-            qg, kg, vg = (_to_kernel(_heads(t, g.heads), g) for t in (q, k, v))
-            o, s, state = forward_kernel(qg, kg, vg, g.cu, g.max_len or qg.shape[1], plan.window, scale)
-            out[:, :, g.heads] = _from_kernel(o, g, B, L)
-            lse[:, g.heads] = _lse_from_kernel(s, g, B, L)
-            states.append(state)
-        if plan.global_pos is not None:
-            k_g, v_g = k[:, plan.global_pos], v[:, plan.global_pos]
-            s = _global_key_scores(q, k_g, plan.skip, scale)
-            merged = torch.logaddexp(lse, s.logsumexp(-1))
-            band_weight = torch.exp(lse - merged).transpose(1, 2)[..., None]  # (B, L, H, 1)
-            p = torch.exp(s - merged[..., None]).to(q.dtype)
-            out = (out.float() * band_weight + torch.einsum("bhlg,bghd->blhd", p, v_g).float()).to(q.dtype)
-            lse = merged
-        ctx.plan, ctx.states = plan, states
+    def forward(ctx, q, k, v, static, tensors):
+        out, lse, states = _run(_forward_body, q.device, static[1], static, q, k, v, tensors)
+        ctx.static, ctx.tensors, ctx.states = static, tensors, states
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        plan = ctx.plan
-        B, L, H, D = q.shape
-        scale = D ** -0.5
-        backward_kernel = KERNELS[plan.kernel][1]
-        dout = dout.contiguous()
-        dq, dk, dv = (torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
-        for g, state in zip(plan.groups, ctx.states):
-            args = [_to_kernel(_heads(t, g.heads), g) for t in (dout, q, k, v, out)]
-            grads = backward_kernel(*args, _lse_to_kernel(lse[:, g.heads], g), g.cu,
-                                    g.max_len or args[1].shape[1], plan.window, scale, state)
-            for full, part in zip((dq, dk, dv), grads):
-                full[:, :, g.heads] = _from_kernel(part, g, B, L)
-        if plan.global_pos is not None:
-            k_g, v_g = k[:, plan.global_pos], v[:, plan.global_pos]
-            p = torch.exp(_global_key_scores(q, k_g, plan.skip, scale) - lse[..., None])  # (B, H, L, G)
-            row_dot = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, L)
-            dp = torch.einsum("blhd,bghd->bhlg", dout, v_g).float()
-            ds = (p * (dp - row_dot[..., None])).to(q.dtype)
-            dq = dq + (torch.einsum("bhlg,bghd->blhd", ds, k_g).float() * scale).to(q.dtype)
-            dk = dk.index_add(1, plan.global_pos, (_chunked_t_matmul(ds, q) * scale).to(q.dtype))
-            dv = dv.index_add(1, plan.global_pos, _chunked_t_matmul(p.to(q.dtype), dout).to(q.dtype))
-        return dq, dk, dv, None
+        dq, dk, dv = _run(_backward_body, q.device, ctx.static[1], ctx.static, dout, q, k, v, out, lse, ctx.states,
+                          ctx.tensors)
+        return dq, dk, dv, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,15 +410,20 @@ def _global_rows(q, k, v, global_pos, doc_ids, chunk: int = 256):
         docs = F.pad(doc_ids, (0, pad), value=-1).view(B, 1, n, 1, chunk)
         allowed = allowed & (docs == doc_ids[:, global_pos].view(B, 1, 1, -1, 1))
     s = s.masked_fill(~allowed, float("-inf"))
-    e = torch.exp(s - s.amax(dim=(2, 4), keepdim=True))
+    e = torch.exp(s - s.amax(dim=(2, 4), keepdim=True).detach())
     rows = (e.to(v.dtype) @ vc).float().sum(2) / e.sum(dim=(2, 4))[..., None]  # (B, H, G, hd)
     return rows.to(q.dtype).transpose(1, 2)
+
+
+def _with_global_rows(out, q, k, v, global_pos, doc_ids):
+    return out.index_copy(1, global_pos, _global_rows(q, k, v, global_pos, doc_ids))
 
 
 def flash_attention(q, k, v, plan: FlashPlan) -> torch.Tensor:
     """Every head of a layer through the plan: (B, H, L, hd) in original token order in and out."""
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # FlashAttention's (B, L, H, hd): views
-    out = _BandAndGlobalKeys.apply(qt, kt, vt, plan)
+    static, tensors = _split_plan(plan)
+    out = _BandAndGlobalKeys.apply(qt, kt, vt, static, tensors)
     if plan.global_pos is not None:
-        out = out.index_copy(1, plan.global_pos, _global_rows(qt, kt, vt, plan.global_pos, plan.doc_ids))
+        out = _run(_with_global_rows, q.device, plan.kernel, out, qt, kt, vt, plan.global_pos, plan.doc_ids)
     return out.transpose(1, 2)
