@@ -269,13 +269,42 @@ def _split_plan(plan: FlashPlan) -> tuple[tuple, tuple]:
     takes as inputs (so a new batch of packed documents is new inputs, not a recompilation)."""
     static = tuple((g.heads, g.dilation, g.mode, g.max_len) for g in plan.groups)
     tensors = tuple((g.order, g.inverse, g.cu) for g in plan.groups)
-    return (plan.window, plan.kernel, static, plan.global_pos is not None), (tensors, plan.global_pos, plan.skip)
+    return ((plan.window, plan.kernel, static, plan.global_pos is not None, plan.doc_ids is not None),
+            (tensors, plan.global_pos, plan.skip, plan.doc_ids))
+
+
+def _assemble(parts, groups, dim: int):
+    """The groups' parts -> all heads in their original order along ``dim``."""
+    joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    order = [h for heads, *_ in groups for h in heads]
+    if order == sorted(order):
+        return joined
+    return joined.index_select(dim, torch.tensor(order, device=joined.device).argsort())
 
 
 # ---------------------------------------------------------------------------------------------------------
-# band + global keys, one autograd node. The bodies are plain functions of tensors and constants, compiled on
-# CUDA (one graph each way: the layout copies, the log-sum-exp merge and the global-key products fuse around the
-# FlashAttention calls) and eager elsewhere.
+# the whole pattern as one autograd node. The bodies are plain functions of tensors and constants, compiled on
+# CUDA — one graph each way, in which the layout copies, the log-sum-exp merge and the global products fuse
+# around the FlashAttention calls, and the gradients of the three pieces are summed without extra passes — and
+# eager elsewhere.
+
+CHUNK = 256  # positions per chunk of the products that reduce over the whole sequence (split-K)
+
+
+def _chunks(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, hd) -> (B, H, n, CHUNK, hd), L padded with zeros to a multiple of CHUNK."""
+    B, L, H, D = x.shape
+    x = x.transpose(1, 2)
+    pad = -L % CHUNK
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.reshape(B, H, -1, CHUNK, D)
+
+
+def _unchunk(x: torch.Tensor, L: int) -> torch.Tensor:
+    """(B, H, n, CHUNK, hd) -> (B, L, H, hd)."""
+    B, H, n, C, D = x.shape
+    return x.reshape(B, H, n * C, D)[:, :, :L].transpose(1, 2)
 
 
 def _global_key_scores(q, k_g, skip, scale):
@@ -284,21 +313,21 @@ def _global_key_scores(q, k_g, skip, scale):
     return s.masked_fill(skip, float("-inf"))
 
 
-def _chunked_t_matmul(a: torch.Tensor, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """(B, H, L, G)ᵀ · (B, L, H, hd) -> (B, G, H, hd) in fp32, the inner dimension L cut into chunks (split-K):
-    one GEMM over the whole sequence would leave most of the GPU idle (its output is a tile or two)."""
-    B, H, L, G = a.shape
-    pad = -L % chunk
-    x = x.transpose(1, 2)  # (B, H, L, hd)
-    if pad:
-        a, x = F.pad(a, (0, 0, 0, pad)), F.pad(x, (0, 0, 0, pad))
-    n = (L + pad) // chunk
-    prod = a.reshape(B, H, n, chunk, G).transpose(-1, -2) @ x.reshape(B, H, n, chunk, x.shape[-1])
-    return prod.float().sum(2).transpose(1, 2)
+def _global_row_scores(q_g, k, global_pos, doc_ids, scale):
+    """(B, G, H, hd) global queries against every key -> (B, H, n, G, CHUNK) fp32 scores; keys of other
+    documents and the padding -inf."""
+    B, L = k.shape[:2]
+    s = (q_g.transpose(1, 2)[:, :, None] @ _chunks(k).transpose(-1, -2)).float() * scale
+    n = s.shape[2]
+    allowed = (torch.arange(n * CHUNK, device=k.device) < L).view(1, 1, n, 1, CHUNK)
+    if doc_ids is not None:
+        docs = F.pad(doc_ids, (0, n * CHUNK - L), value=-1).view(B, 1, n, 1, CHUNK)
+        allowed = allowed & (docs == doc_ids[:, global_pos].view(B, 1, 1, -1, 1))
+    return s.masked_fill(~allowed, float("-inf"))
 
 
 def _forward_body(static, q, k, v, tensors):
-    (window, kernel, groups, has_globals), (group_tensors, global_pos, skip) = static, tensors
+    (window, kernel, groups, has_globals, _), (group_tensors, global_pos, skip, doc_ids) = static, tensors
     B, L, H, D = q.shape
     scale = D ** -0.5
     forward_kernel = KERNELS[kernel][0]
@@ -311,50 +340,67 @@ def _forward_body(static, q, k, v, tensors):
         states.append(state)
     out = _assemble(outs, groups, dim=2)
     lse = _assemble(lses, groups, dim=1)
-    if has_globals:
-        k_g, v_g = k[:, global_pos], v[:, global_pos]
-        s = _global_key_scores(q, k_g, skip, scale)
-        merged = torch.logaddexp(lse, s.logsumexp(-1))
-        band_weight = torch.exp(lse - merged).transpose(1, 2)[..., None]  # (B, L, H, 1)
-        p = torch.exp(s - merged[..., None]).to(q.dtype)
-        out = (out * band_weight + torch.einsum("bhlg,bghd->blhd", p, v_g).float()).to(q.dtype)
-        lse = merged
-    return out.to(q.dtype), lse, states
-
-
-def _assemble(parts, groups, dim: int):
-    """The groups' parts -> all heads in their original order along ``dim``."""
-    joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-    order = [h for heads, *_ in groups for h in heads]
-    if order == sorted(order):
-        return joined
-    return joined.index_select(dim, torch.tensor(order, device=joined.device).argsort())
+    if not has_globals:
+        return out, lse, states
+    # the global keys, merged with the band by log-sum-exp
+    k_g, v_g = k[:, global_pos], v[:, global_pos]
+    s = _global_key_scores(q, k_g, skip, scale)
+    merged = torch.logaddexp(lse, s.logsumexp(-1))
+    band_weight = torch.exp(lse - merged).transpose(1, 2)[..., None]  # (B, L, H, 1)
+    p = torch.exp(s - merged[..., None]).to(q.dtype)
+    out = (out * band_weight + torch.einsum("bhlg,bghd->blhd", p, v_g).float()).to(q.dtype)
+    # the global rows: every key of their document, one softmax over all chunks
+    r = _global_row_scores(q[:, global_pos], k, global_pos, doc_ids, scale)  # (B, H, n, G, CHUNK)
+    row_lse = r.logsumexp(dim=(2, 4))  # (B, H, G)
+    rows = (torch.exp(r - row_lse[:, :, None, :, None]).to(v.dtype) @ _chunks(v)).float().sum(2)  # (B, H, G, hd)
+    out = out.index_copy(1, global_pos, rows.transpose(1, 2).to(q.dtype))
+    lse = merged.index_copy(2, global_pos, row_lse)
+    return out, lse, states
 
 
 def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
-    (window, kernel, groups, has_globals), (group_tensors, global_pos, skip) = static, tensors
+    (window, kernel, groups, has_globals, _), (group_tensors, global_pos, skip, doc_ids) = static, tensors
     B, L, H, D = q.shape
     scale = D ** -0.5
     backward_kernel = KERNELS[kernel][1]
     dout = dout.contiguous()
+    # the global rows' outputs came from their own softmax: the band and the global keys get no gradient there
+    dout_rest = dout.index_fill(1, global_pos, 0) if has_globals else dout
     grads = [], [], []
     for (heads, d, mode, max_len), (order, inverse, cu), state in zip(groups, group_tensors, states):
-        args = [_to_kernel(_heads(t, heads), mode, d, order) for t in (dout, q, k, v, out)]
+        args = [_to_kernel(_heads(t, heads), mode, d, order) for t in (dout_rest, q, k, v, out)]
         parts = backward_kernel(*args, _lse_to_kernel(_heads(lse, heads, dim=1), mode, d, order), cu,
                                 max_len or args[1].shape[1], window, scale, state)
         for full, part in zip(grads, parts):
             full.append(_from_kernel(part, mode, inverse, B, L))
     dq, dk, dv = (_assemble(g, groups, dim=2) for g in grads)
-    if has_globals:
-        k_g, v_g = k[:, global_pos], v[:, global_pos]
-        p = torch.exp(_global_key_scores(q, k_g, skip, scale) - lse[..., None])  # (B, H, L, G)
-        row_dot = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, L)
-        dp = torch.einsum("blhd,bghd->bhlg", dout, v_g).float()
-        ds = (p * (dp - row_dot[..., None])).to(q.dtype)
-        dq = (dq.float() + torch.einsum("bhlg,bghd->blhd", ds, k_g).float() * scale).to(q.dtype)
-        dk = dk.index_add(1, global_pos, (_chunked_t_matmul(ds, q) * scale).to(q.dtype))
-        dv = dv.index_add(1, global_pos, _chunked_t_matmul(p.to(q.dtype), dout).to(q.dtype))
-    return dq, dk, dv
+    if not has_globals:
+        return dq, dk, dv
+    dq, dk, dv = dq.float(), dk.float(), dv.float()
+    # the global keys: dS = P ∘ (dP − rowsum(dO ∘ O)) with the merged probabilities
+    k_g, v_g = k[:, global_pos], v[:, global_pos]
+    p = torch.exp(_global_key_scores(q, k_g, skip, scale) - lse[..., None])  # (B, H, L, G)
+    row_dot = (dout_rest.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, L)
+    ds = p * (torch.einsum("blhd,bghd->bhlg", dout_rest, v_g).float() - row_dot[..., None])
+    dq = dq + torch.einsum("bhlg,bghd->blhd", ds.to(q.dtype), k_g).float() * scale
+    # (G × L) by (L × hd) products, cut into chunks along L
+    ds_c, p_c = (_chunks(t.transpose(1, 2)) for t in (ds.to(q.dtype), p.to(q.dtype)))  # (B, H, n, CHUNK, G)
+    dk_g = (ds_c.transpose(-1, -2) @ _chunks(q)).float().sum(2) * scale  # (B, H, G, hd)
+    dv_g = (p_c.transpose(-1, -2) @ _chunks(dout_rest)).float().sum(2)
+    # the global rows against every key
+    q_g, do_g, o_g = q[:, global_pos], dout[:, global_pos], out[:, global_pos]  # (B, G, H, hd)
+    r = _global_row_scores(q_g, k, global_pos, doc_ids, scale)
+    pr = torch.exp(r - lse.transpose(1, 2)[:, global_pos].transpose(1, 2)[:, :, None, :, None])  # (B,H,n,G,C)
+    do_gt = do_g.transpose(1, 2)[:, :, None]  # (B, H, 1, G, hd)
+    dpr = (do_gt @ _chunks(v).transpose(-1, -2)).float()  # (B, H, n, G, CHUNK)
+    dsr = (pr * (dpr - (do_g.float() * o_g.float()).sum(-1).transpose(1, 2)[:, :, None, :, None])).to(q.dtype)
+    dq_g = (dsr @ _chunks(k)).float().sum(2) * scale  # (B, H, G, hd)
+    dk = dk + _unchunk((dsr.transpose(-1, -2) @ q_g.transpose(1, 2)[:, :, None]).float(), L) * scale
+    dv = dv + _unchunk((pr.to(q.dtype).transpose(-1, -2) @ do_gt).float(), L)
+    dq = dq.index_add(1, global_pos, dq_g.transpose(1, 2))
+    dk = dk.index_add(1, global_pos, dk_g.transpose(1, 2))
+    dv = dv.index_add(1, global_pos, dv_g.transpose(1, 2))
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
 @functools.cache
@@ -369,8 +415,8 @@ def _run(body, device: torch.device, kernel: str, *args):
     return (_compiled(body) if device.type == "cuda" and kernel == "fa2" else body)(*args)
 
 
-class _BandAndGlobalKeys(torch.autograd.Function):
-    """Band attention of every head merged with the global keys; (B, L, H, hd) in and out."""
+class _SparseFlash(torch.autograd.Function):
+    """The whole pattern of every head; (B, L, H, hd) in and out."""
 
     @staticmethod
     def forward(ctx, q, k, v, static, tensors):
@@ -387,43 +433,8 @@ class _BandAndGlobalKeys(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# the global rows and the whole backend
-
-
-def _global_rows(q, k, v, global_pos, doc_ids, chunk: int = 256):
-    """The G global queries against every key of their document: (B, L, H, hd) in, (B, G, H, hd) out. The
-    softmax runs over chunks of ``chunk`` keys (a batch of short GEMMs instead of one with a sequence-long inner
-    dimension), normalised once over all chunks."""
-    B, L, H, D = q.shape
-    q_g = q[:, global_pos].transpose(1, 2)  # (B, H, G, hd)
-    pad = -L % chunk
-    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, hd)
-    if pad:
-        kt, vt = F.pad(kt, (0, 0, 0, pad)), F.pad(vt, (0, 0, 0, pad))
-    n = (L + pad) // chunk
-    kc, vc = kt.reshape(B, H, n, chunk, D), vt.reshape(B, H, n, chunk, D)
-    s = (q_g[:, :, None] @ kc.transpose(-1, -2)).float() * D ** -0.5  # (B, H, n, G, chunk)
-    valid = torch.arange(L + pad, device=q.device) < L
-    allowed = valid.view(1, 1, n, 1, chunk)
-    if doc_ids is not None:
-        docs = F.pad(doc_ids, (0, pad), value=-1).view(B, 1, n, 1, chunk)
-        allowed = allowed & (docs == doc_ids[:, global_pos].view(B, 1, 1, -1, 1))
-    s = s.masked_fill(~allowed, float("-inf"))
-    e = torch.exp(s - s.amax(dim=(2, 4), keepdim=True).detach())
-    rows = (e.to(v.dtype) @ vc).float().sum(2) / e.sum(dim=(2, 4))[..., None]  # (B, H, G, hd)
-    return rows.to(q.dtype).transpose(1, 2)
-
-
-def _with_global_rows(out, q, k, v, global_pos, doc_ids):
-    return out.index_copy(1, global_pos, _global_rows(q, k, v, global_pos, doc_ids))
-
-
 def flash_attention(q, k, v, plan: FlashPlan) -> torch.Tensor:
     """Every head of a layer through the plan: (B, H, L, hd) in original token order in and out."""
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # FlashAttention's (B, L, H, hd): views
     static, tensors = _split_plan(plan)
-    out = _BandAndGlobalKeys.apply(qt, kt, vt, static, tensors)
-    if plan.global_pos is not None:
-        out = _run(_with_global_rows, q.device, plan.kernel, out, qt, kt, vt, plan.global_pos, plan.doc_ids)
-    return out.transpose(1, 2)
+    return _SparseFlash.apply(qt, kt, vt, static, tensors).transpose(1, 2)
