@@ -161,8 +161,8 @@ def test_compiled_sparse_moe_model_matches_eager_in_bf16_on_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_flash_model_matches_eager_in_bf16_on_gpu():
-    """The default on a GPU in bf16 — the flash backend (FlashAttention-2 band, run between the compiled parts of
-    each block) — compiled against eager, with packed documents, and against the flex backend."""
+    """The flash backend (FlashAttention-2 band, run between the compiled parts of each block) in bf16: compiled
+    against eager, with packed documents, and both against the flex backend."""
     import copy
 
     eager = _flex_model("auto", attention_backend="flash").cuda()

@@ -46,7 +46,8 @@ class ModelConfig:
     global_first: int = 16  # the first n positions of a row ([BOS] + source start) are global tokens
     global_every: int = 0  # also every k-th position (0: none)
     global_proj: bool = False  # Longformer's separate q/k/v projections for the global attention rows
-    # auto (flash on CUDA in bf16/fp16, else flex; banded on the CPU), flash, flex, banded, dense (reference, O(L²))
+    # auto (flex on CUDA, banded on the CPU), flex, flash (FlashAttention-2 band; CUDA, bf16/fp16), banded,
+    # dense (the reference, O(L²))
     attention_backend: str = "auto"
     flex_globals: str = "auto"  # flex: global-token schedule: auto (split from 16k tokens), inline, split
     # flex: torch.compile mode of the attention region: auto (max-autotune-no-cudagraphs from 16k tokens, default

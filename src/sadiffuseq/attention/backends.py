@@ -9,7 +9,7 @@
 * ``banded`` — one head group: pure PyTorch on the permuted sequence, O(L·w) time and memory, differentiable by autograd: CPU
   training and tests (FlexAttention has no CPU backward, and its eager path materialises L×L scores).
 * ``flash`` — every head of a layer: the band through FlashAttention-2's sliding-window kernels, the global tokens
-  around them (:mod:`sadiffuseq.attention.flash`). CUDA, fp16/bf16 only; the default there.
+  around them (:mod:`sadiffuseq.attention.flash`). CUDA, fp16/bf16 only; opt-in.
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ BACKENDS = ("flash", "flex", "banded", "dense")
 
 
 def resolve_backend(name: str, device: torch.device, head_dim: int = 64, dtype: torch.dtype | None = None) -> str:
-    """auto: on CUDA ``flash`` where its kernels run the inputs (fp16/bf16 — ``dtype`` None counts as bf16 —, head
-    width a multiple of 8 up to 256), else ``flex`` (its fused kernel needs heads of width >= 16); ``banded`` on
-    the CPU and for narrower heads."""
-    from sadiffuseq.attention.flash import kernel_supports
-
+    """auto: ``flex`` on CUDA (its fused kernel needs heads of width >= 16; narrower ones use banded), else
+    ``banded``. ``flash`` is never picked automatically: measured on an H100 it is slower than ``flex`` at 8k, 32k
+    and 128k tokens on the benchmark pattern (docs/benchmarks.md). ``dtype``: the inputs' (reserved for
+    backends whose choice depends on it)."""
     if name == "auto":
-        if kernel_supports(device, dtype or torch.bfloat16, head_dim):
-            return "flash"
         return "flex" if device.type == "cuda" and head_dim >= 16 else "banded"
     return name
 
