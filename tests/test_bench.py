@@ -132,3 +132,10 @@ def test_bench_sample_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["bench", "sample", str(run_dir), "--samplers", "ddim:500", "--device", "cpu",
                  "--out", str(out)]) == 2
     assert "diffusion.steps=100" in capsys.readouterr().err
+
+
+def test_bench_attention_rejects_unknown_backends(tmp_path, capsys):
+    with pytest.raises(UserError, match="unknown sparse backend"):
+        bench.bench_attention([128], out_dir=tmp_path, backends=("flex", "triton"))
+    assert main(["bench", "attention", "--backends", "dense", "--out", str(tmp_path)]) == 2
+    assert "choose from flash, flex" in capsys.readouterr().err
