@@ -1,3 +1,4 @@
+import io
 import math
 
 import pytest
@@ -141,6 +142,36 @@ def test_loss_aware_sampler_is_uniform_until_warm_then_proportional_to_rms_loss(
     # The history is a sliding window: a new loss replaces the oldest.
     s.update(torch.tensor([0]), torch.tensor([3.0]))
     assert s.losses[0].tolist() == [1.0, 3.0]
+
+
+def test_deferred_loss_aware_updates_enter_one_step_late_and_resume_exactly():
+    """As on a GPU (``defer``): the losses of step n count from the sample of step n + 2 on; a checkpoint taken in
+    between carries the pending update, so the resumed sampler draws what the uninterrupted one draws."""
+    T, history = 3, 1
+    now = LossAwareSampler(T, seed=0, history=history, uniform_prob=0.0)
+    late = LossAwareSampler(T, seed=0, history=history, uniform_prob=0.0, defer=True)
+    for t, loss in [(0, 1.0), (1, 2.0), (2, 4.0)]:
+        for s in (now, late):
+            s.update(torch.tensor([t]), torch.tensor([loss]))
+    assert now.warmed_up() and not late.warmed_up()  # nothing entered yet: no sample has run
+    late.sample(1, torch.device("cpu"))  # enters all but the last update
+    assert late.counts.tolist() == [1, 1, 0]
+    buffer = io.BytesIO()
+    torch.save(late.state_dict(), buffer)  # as checkpoints store it, and load it back (weights only)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed = LossAwareSampler(T, seed=7, history=history, uniform_prob=0.0, defer=True)
+    resumed.load_state_dict(state)
+    late.update(torch.tensor([0]), torch.tensor([8.0]))
+    resumed.update(torch.tensor([0]), torch.tensor([8.0]))
+    for s in (late, resumed):
+        s.sample(1, torch.device("cpu"))  # enters (2, 4.0): warm now, the (0, 8.0) still pending
+        assert s.losses[:, 0].tolist() == [1.0, 2.0, 4.0]
+    assert torch.equal(late.sample(50, torch.device("cpu"))[0], resumed.sample(50, torch.device("cpu"))[0])
+    assert late.losses[:, 0].tolist() == [1.0, 2.0, 4.0]  # (0, 8.0) waits for the next step's update
+    late.update(torch.tensor([1]), torch.tensor([16.0]))
+    late.sample(1, torch.device("cpu"))
+    assert late.losses[:, 0].tolist() == [8.0, 2.0, 4.0]
 
 
 def test_timestep_samplers_resume_exactly():
