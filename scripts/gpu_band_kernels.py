@@ -7,8 +7,9 @@ forward + backward (bf16, batch 1, 16 heads × 64, window ±256) of: every head 
 plain and half on the residue classes mod 4 (the benchmark pattern without its global tokens). "eff" is the
 band's block density (128×128 tiles) times the dense time, over the band's time.
 """
-import torch, time, sys
+import torch
 import torch.nn.functional as F
+
 aten = torch.ops.aten
 dev = "cuda"
 print(torch.__version__, torch.cuda.get_device_name())

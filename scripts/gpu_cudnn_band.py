@@ -8,9 +8,12 @@ Needs NVIDIA's cudnn-frontend Python package (not a dependency of this project),
 Same checks and timings as scripts/gpu_band_kernels.py, through cudnn-frontend's graph API (forward with
 diagonal_band_left_bound = w + 1, right bound w; backward likewise).
 """
-import sys, torch
-sys.path.insert(0, "/tmp/cdnn")
-import cudnn
+import sys
+
+import torch
+
+sys.path.insert(0, "/tmp/cdnn")  # where the cudnn-frontend wheel was unpacked (see above)
+import cudnn  # noqa: E402
 import torch.nn.functional as F
 print(torch.__version__, "cudnn backend", cudnn.backend_version(), torch.backends.cudnn.version())
 dev = "cuda"
