@@ -47,45 +47,18 @@ from sadiffuseq.attention import patterns
 # the backward gets back.
 
 
-def _padded_index(cu: torch.Tensor, total: int, max_len: int) -> torch.Tensor:
-    """For each token of the variable-length layout, its index in a (sequences × max_len) padded layout."""
-    t = torch.arange(total, device=cu.device)
-    seq = torch.searchsorted(cu[1:].long(), t, right=True)
-    return seq * max_len + (t - cu.long()[seq])
-
-
 def _fa2_forward(q, k, v, cu, max_len: int, w: int, scale: float):
+    # variable-length mode: the log-sum-exp is (H, total), unpadded (checked on PyTorch 2.11's CUDA kernels)
     out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu, cu, max_len, max_len, 0.0, False, False, scale=scale, window_size_left=w, window_size_right=w)
-    if cu is not None and lse.dim() == 3:  # variable-length log-sum-exp padded per sequence: (S, H, max_len)
-        lse = lse.transpose(0, 1).reshape(lse.shape[1], -1)[:, _padded_index(cu, q.shape[0], lse.shape[2])]
     return out, lse, (rng, unused)
 
 
 def _fa2_backward(dout, q, k, v, out, lse, cu, max_len: int, w: int, scale: float, state):
     rng, unused = state
-    if cu is not None and _PADDED_VARLEN_LSE:
-        n_seq, H = cu.shape[0] - 1, lse.shape[0]
-        padded = lse.new_zeros(H, n_seq * max_len).index_copy(1, _padded_index(cu, q.shape[0], max_len), lse)
-        lse = padded.view(H, n_seq, max_len).transpose(0, 1).contiguous()
     return torch.ops.aten._flash_attention_backward(
         dout, q, k, v, out, lse, cu, cu, max_len, max_len, 0.0, False, rng, unused, scale=scale,
         window_size_left=w, window_size_right=w)
-
-
-# whether this build's variable-length kernels keep the log-sum-exp padded per sequence, (S, H, max_len) (older
-# FlashAttention-2), rather than (H, total): found from the meta kernel's output shape
-def _varlen_lse_is_padded() -> bool:
-    try:
-        x = torch.empty(4, 1, 8, device="meta", dtype=torch.bfloat16)
-        cu = torch.tensor([0, 4], dtype=torch.int32, device="meta")
-        lse = torch.ops.aten._flash_attention_forward(x, x, x, cu, cu, 4, 4, 0.0, False, False)[1]
-        return lse.dim() == 3
-    except Exception:  # no such kernel (CPU-only builds): the reference kernel uses (H, total)
-        return False
-
-
-_PADDED_VARLEN_LSE = _varlen_lse_is_padded()
 
 
 def _sequences(x, cu):
