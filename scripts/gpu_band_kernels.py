@@ -7,21 +7,28 @@ forward + backward (bf16, batch 1, 16 heads × 64, window ±256) of: every head 
 plain and half on the residue classes mod 4 (the benchmark pattern without its global tokens). "eff" is the
 band's block density (128×128 tiles) times the dense time, over the band's time.
 """
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-aten = torch.ops.aten
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sadiffuseq.attention.flash import _fa2_backward, _fa2_forward  # noqa: E402
+from sadiffuseq.bench import cuda_time_ms  # noqa: E402
+
 dev = "cuda"
 print(torch.__version__, torch.cuda.get_device_name())
 
+
 def fa_fwd(q, k, v, w):
-    o, lse, rng, unused, _ = aten._flash_attention_forward(q, k, v, None, None, q.shape[1], k.shape[1], 0.0, False, False,
-                                                        window_size_left=w, window_size_right=w)
-    return o, lse, rng, unused
+    o, lse, state = _fa2_forward(q, k, v, None, q.shape[1], w, q.shape[-1] ** -0.5)
+    return o, lse, *state
+
 
 def fa_bwd(do, q, k, v, o, lse, rng, unused, w):
-    return aten._flash_attention_backward(do, q, k, v, o, lse, None, None, q.shape[1], k.shape[1], 0.0, False, rng, unused,
-                                          window_size_left=w, window_size_right=w)
+    return _fa2_backward(do, q, k, v, o, lse, None, q.shape[1], w, q.shape[-1] ** -0.5, (rng, unused))
+
 
 # correctness: band, strided class view
 L, H, D, w, d = 1000, 4, 64, 37, 4
@@ -52,14 +59,9 @@ qf, kf, vf = (t.float().transpose(1, 2).requires_grad_() for t in (q, k, v))
 F.scaled_dot_product_attention(qf, kf, vf, attn_mask=m).backward(do.float().transpose(1, 2))
 print("band bwd max err", max((a.float() - b.grad.transpose(1, 2)).abs().max().item() for a, b in ((dq, qf), (dk, kf), (dv, vf))))
 
+
 def timeit(fn, reps=30):
-    for _ in range(5): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    return sorted(ts)[len(ts) // 2]
+    return cuda_time_ms(fn, warmup=5, reps=reps)
 
 for L in (8192, 32768, 131072):
     H = 16

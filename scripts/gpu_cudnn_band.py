@@ -9,11 +9,15 @@ Same checks and timings as scripts/gpu_band_kernels.py, through cudnn-frontend's
 diagonal_band_left_bound = w + 1, right bound w; backward likewise).
 """
 import sys
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, "/tmp/cdnn")  # where the cudnn-frontend wheel was unpacked (see above)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import cudnn  # noqa: E402
+
+from sadiffuseq.bench import cuda_time_ms  # noqa: E402
 import torch.nn.functional as F
 print(torch.__version__, "cudnn backend", cudnn.backend_version(), torch.backends.cudnn.version())
 dev = "cuda"
@@ -92,13 +96,7 @@ except Exception as e:
     print("class view failed:", repr(e)[:300])
 
 def timeit(fn, reps=30):
-    for _ in range(5): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    return sorted(ts)[len(ts) // 2]
+    return cuda_time_ms(fn, warmup=5, reps=reps)
 
 for L in (8192, 32768, 131072):
     H = 16

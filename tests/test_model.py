@@ -104,12 +104,12 @@ def test_compiled_blocks_trace_the_flex_attention_into_one_graph(schedule):
 
 def test_layers_of_one_pattern_share_a_plan():
     model = _flex_model("auto", n_layers=3, layer_windows=[8, 16, 8])
-    plans = model._plans(300, torch.device("cpu"), None, torch.float32, 1)
+    plans = model._plans(300, torch.device("cpu"), None, 1)
     assert len(plans) == 2  # windows 8 and 16
     first, third = (model.blocks[i].attn.plan_key for i in (0, 2))
     assert first == third and plans[first].in_block_graph and plans[first].n_global == 0  # inline below 16k
     dense = Denoiser(ModelConfig(d_model=32, n_heads=2, n_layers=1, d_emb=8), 50)
-    assert dense._plans(300, torch.device("cpu"), None, torch.float32, 1) is None
+    assert dense._plans(300, torch.device("cpu"), None, 1) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs a CUDA GPU")

@@ -155,8 +155,10 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         raise UserError("bench attention measures GPU kernels (FlexAttention, fused SDPA): it needs a CUDA GPU")
     device = torch.device("cuda")
     layer = SparseSelfAttention(cfg).to(device)
-    flash_layer = SparseSelfAttention(pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global,
-                                                     backend="flash")).to(device)
+    flash_layer = None
+    if "flash" in backends:
+        flash_layer = SparseSelfAttention(pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global,
+                                                         backend="flash")).to(device)
     rows = []
     for L in tqdm(lengths, desc="lengths"):
         torch.manual_seed(0)

@@ -167,7 +167,7 @@ class Denoiser(nn.Module):
         h = self.up(x_t) + self.time_mlp(timestep_embedding(t, self.cfg.d_model).to(x_t.dtype))[:, None, :]
         h = self.drop(self.ln_in(h))
         cos, sin = self._rope(L, x_t.device)
-        ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, plans=self._plans(L, x_t.device, doc_ids, dtype, B))
+        ctx = AttentionContext(cos=cos, sin=sin, doc_ids=doc_ids, plans=self._plans(L, x_t.device, doc_ids, B))
         for block in self.blocks:
             if self.cfg.grad_checkpoint and self.training:
                 h = checkpoint(block, h, ctx, use_reentrant=False)
@@ -175,13 +175,13 @@ class Denoiser(nn.Module):
                 h = block(h, ctx)
         return self.down(self.ln_out(h))
 
-    def _plans(self, length: int, device: torch.device, doc_ids, dtype: torch.dtype, batch: int) -> dict | None:
+    def _plans(self, length: int, device: torch.device, doc_ids, batch: int) -> dict | None:
         """One sparse-attention plan per distinct pattern among the blocks (None without any)."""
         plans = {}
         for block in self.blocks:
             attn = block.attn
             if isinstance(attn, SparseSelfAttention) and attn.plan_key not in plans:
-                plan = attn.plan(length, device, doc_ids, dtype, batch)
+                plan = attn.plan(length, device, doc_ids, batch)
                 if plan is not None:
                     plans[attn.plan_key] = plan
         return plans or None

@@ -26,11 +26,10 @@ from sadiffuseq.attention.patterns import HeadLayouts, Layout
 BACKENDS = ("flash", "flex", "banded", "dense")
 
 
-def resolve_backend(name: str, device: torch.device, head_dim: int = 64, dtype: torch.dtype | None = None) -> str:
+def resolve_backend(name: str, device: torch.device, head_dim: int = 64) -> str:
     """auto: ``flex`` on CUDA (its fused kernel needs heads of width >= 16; narrower ones use banded), else
     ``banded``. ``flash`` is never picked automatically: measured on an H100 it is slower than ``flex`` at 8k, 32k
-    and 128k tokens on the benchmark pattern (docs/benchmarks.md). ``dtype``: the inputs' (reserved for
-    backends whose choice depends on it)."""
+    and 128k tokens on the benchmark pattern (docs/benchmarks.md)."""
     if name == "auto":
         return "flex" if device.type == "cuda" and head_dim >= 16 else "banded"
     return name

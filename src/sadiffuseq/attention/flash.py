@@ -147,10 +147,10 @@ class FlashPlan:
 
 
 def _runs(doc_ids: torch.Tensor | None, B: int, L: int, order: torch.Tensor | None, dilation: int) -> tuple:
-    """Cumulative starts of the (row, class, document) runs of tokens laid out by ``order`` (host computation)."""
-    pos = torch.arange(L) if order is None else order.cpu()
+    """Cumulative starts of the (row, class, document) runs of tokens laid out by ``order`` (host tensors)."""
+    pos = torch.arange(L) if order is None else order
     key = pos % dilation
-    docs = None if doc_ids is None else doc_ids.cpu()[:, pos]
+    docs = None if doc_ids is None else doc_ids[:, pos]
     starts = []
     for b in range(B):
         change = torch.ones(L, dtype=torch.bool)
@@ -171,6 +171,7 @@ def make_plan(dilations: tuple[int, ...], window: int, length: int, batch: int, 
     With packed documents (``doc_ids`` (B, L)) the runs are found on the host: one device-to-host copy per plan,
     and a model makes one plan per forward for all its layers."""
     L, B = length, batch
+    docs_host = None if doc_ids is None else doc_ids.cpu()
     groups = []
     for d in sorted(set(dilations)):
         heads = tuple(h for h, dh in enumerate(dilations) if dh == d)
@@ -181,13 +182,11 @@ def make_plan(dilations: tuple[int, ...], window: int, length: int, batch: int, 
         if d > 1:  # residue classes in turn, each in its original order
             pos = torch.arange(L)
             order = torch.cat([pos[r::d] for r in range(d)])
-        starts, max_len = _runs(doc_ids, B, L, order, d)
+        starts, max_len = _runs(docs_host, B, L, order, d)
         cu = torch.tensor(starts, dtype=torch.int32).to(device)
-        if order is not None:
-            order = order.to(device)
-            groups.append(BandGroup(heads, d, "runs", order, order.argsort(), cu, max_len))
-        else:
-            groups.append(BandGroup(heads, d, "runs", None, None, cu, max_len))
+        order = None if order is None else order.to(device)
+        inverse = None if order is None else order.argsort()
+        groups.append(BandGroup(heads, d, "runs", order, inverse, cu, max_len))
     is_global = patterns.global_positions(L, global_first, global_every, device=device)
     global_pos = skip = None
     if bool(is_global.any()):
@@ -417,12 +416,13 @@ def _compiled(body):
     return torch.compile(body, dynamic=False)
 
 
-def _run(body, device: torch.device, kernel: str, varlen: bool, *args):
+def _run(body, static, device: torch.device, *args):
     """The body compiled on CUDA, eager elsewhere — and eager with variable-length runs (packed documents, several
     rows of dilated heads): compiled, the variable-length backward's dq came out wrong on PyTorch 2.11 (the same
     kernel called eagerly matches the reference, `tests/test_flash_attention.py`)."""
-    compiled = device.type == "cuda" and kernel == "fa2" and not varlen
-    return (_compiled(body) if compiled else body)(*args)
+    varlen = any(mode == "runs" for _, _, mode, _ in static[2])
+    compiled = device.type == "cuda" and static[1] == "fa2" and not varlen
+    return (_compiled(body) if compiled else body)(static, *args)
 
 
 class _SparseFlash(torch.autograd.Function):
@@ -430,9 +430,7 @@ class _SparseFlash(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, static, tensors):
-        varlen = any(mode == "runs" for _, _, mode, _ in static[2])
-        out, lse, states = _run(_forward_body, q.device, static[1], varlen, static, q, k, v, tensors)
-        ctx.varlen = varlen
+        out, lse, states = _run(_forward_body, static, q.device, q, k, v, tensors)
         ctx.static, ctx.tensors, ctx.states = static, tensors, states
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -440,8 +438,7 @@ class _SparseFlash(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _run(_backward_body, q.device, ctx.static[1], ctx.varlen, ctx.static, dout, q, k, v, out, lse,
-                          ctx.states, ctx.tensors)
+        dq, dk, dv = _run(_backward_body, ctx.static, q.device, dout, q, k, v, out, lse, ctx.states, ctx.tensors)
         return dq, dk, dv, None, None
 
 

@@ -68,12 +68,11 @@ class SparseSelfAttention(nn.Module):
         return (self.backend, self.head_dim, self.window, self.global_first, self.global_every, self.dilations,
                 self.global_schedule, self.compile_mode)
 
-    def plan(self, length: int, device: torch.device, doc_ids=None, dtype: torch.dtype | None = None,
-             batch: int = 1):
-        """This layer's plan for ``length`` tokens on the backend it resolves to for ``dtype``: a
+    def plan(self, length: int, device: torch.device, doc_ids=None, batch: int = 1):
+        """This layer's plan for ``batch`` rows of ``length`` tokens on the backend it resolves to: a
         :class:`~sadiffuseq.attention.backends.FlexPlan` or a :class:`~sadiffuseq.attention.flash.FlashPlan`, None
         for the backends that need none."""
-        backend = resolve_backend(self.backend, torch.device(device), self.head_dim, dtype)
+        backend = resolve_backend(self.backend, torch.device(device), self.head_dim)
         if backend == "flash":
             return self.flash_plan(length, device, doc_ids, batch)
         return self.flex_plan(length, device, doc_ids) if backend == "flex" else None
@@ -89,7 +88,7 @@ class SparseSelfAttention(nn.Module):
         """This layer's FlexAttention plan for ``length`` tokens (token orders, BlockMask, schedule), or None where
         the layer does not run the ``flex`` backend. Made outside any compiled graph: the layouts and BlockMasks
         are cached in Python, which a graph cannot do."""
-        if resolve_backend(self.backend, torch.device(device), self.head_dim, torch.float32) != "flex":
+        if resolve_backend(self.backend, torch.device(device), self.head_dim) != "flex":
             return None
         heads = patterns.cached_head_layouts(length, self.global_first, self.global_every, self.dilations,
                                              self.window, device)
@@ -101,14 +100,14 @@ class SparseSelfAttention(nn.Module):
         """The sparse pattern on (B, H, L, hd) queries/keys/values (rotary already applied). ``plan``: the flex
         backend's plan when the caller has made it (see :meth:`flex_plan`)."""
         L = q.shape[2]
-        backend = resolve_backend(self.backend, q.device, self.head_dim, q.dtype)
+        backend = resolve_backend(self.backend, q.device, self.head_dim)
         if backend == "flash":  # every head at once: the band through FlashAttention's sliding window
+            if self.flash_kernel == "fa2" and not flash.kernel_supports(q.device, q.dtype, self.head_dim):
+                raise ValueError(
+                    f"attention backend 'flash' needs a CUDA GPU, fp16/bf16 inputs and a head width that is a "
+                    f"multiple of 8 up to 256 (got {q.device.type}, {q.dtype}, {self.head_dim}); train in bf16 "
+                    f"(train.precision) or set model.attention_backend to auto, flex or banded")
             if not isinstance(plan, flash.FlashPlan):
-                if self.flash_kernel == "fa2" and not flash.kernel_supports(q.device, q.dtype, self.head_dim):
-                    raise ValueError(
-                        f"attention backend 'flash' needs a CUDA GPU, fp16/bf16 inputs and a head width that is a "
-                        f"multiple of 8 up to 256 (got {q.device.type}, {q.dtype}, {self.head_dim}); train in bf16 "
-                        f"(train.precision) or set model.attention_backend to auto, flex or banded")
                 plan = self.flash_plan(L, q.device, doc_ids, q.shape[0])
             return flash.flash_attention(q, k, v, plan)
         if backend == "flex":  # every head at once, each on its own token order
