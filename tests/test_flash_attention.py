@@ -10,7 +10,7 @@ with FlashAttention-2's kernels in bf16.
 import pytest
 import torch
 
-from sadiffuseq.attention import flash
+from sadiffuseq.attention import cudnn_band, flash
 from sadiffuseq.attention.layer import SparseSelfAttention
 from sadiffuseq.config import ModelConfig
 
@@ -49,7 +49,13 @@ def _out_and_grads(case, backend, device="cpu", dtype=torch.float32, hd=8, kerne
     B, L, heads = case[:3]
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, heads, L, hd, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
-    out = _layer(case, backend, hd, kernel).to(device).attend(q, k, v, _docs(case, device))
+    layer = _layer(case, backend, hd, kernel).to(device)
+    if backend == "flash" and kernel == "cudnn" and device == "cpu":  # the layer refuses cuDNN on a CPU; the plan
+        plan = flash.make_plan(layer.dilations, layer.window, L, B, torch.device(device), layer.global_first,
+                               layer.global_every, _docs(case, device), kernel="cudnn")
+        out = flash.flash_attention(q, k, v, plan)  # runs the operators' plain-PyTorch implementation
+    else:
+        out = layer.attend(q, k, v, _docs(case, device))
     weights = torch.linspace(-1, 1, out.numel(), device=device).view_as(out)
     (out.float() * weights).sum().backward()
     return [t.float() for t in (out.detach(), q.grad, k.grad, v.grad)]
@@ -59,6 +65,51 @@ def _out_and_grads(case, backend, device="cpu", dtype=torch.float32, hd=8, kerne
 def test_flash_backend_matches_dense_outputs_and_gradients(case):
     for name, ref, got in zip("out dq dk dv".split(), _out_and_grads(case, "dense"), _out_and_grads(case, "flash")):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_flash_backend_with_the_cudnn_decomposition_matches_dense(case):
+    """The ``cudnn`` kernel on the CPU: the shifted-key causal call plus the corner (each call through the
+    operator's plain-PyTorch implementation), merged by log-sum-exp; variable-length runs fall back to the
+    reference kernel."""
+    ref = _out_and_grads(case, "dense")
+    got = _out_and_grads(case, "flash", kernel="cudnn")
+    for name, a, b in zip("out dq dk dv".split(), ref, got):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("B,S,w,dilations", [(2, 33, 16, [1, 1, 1]), (2, 100, 7, [1, 1, 1]), (1, 64, 1, [1, 2, 2]),
+                                               (2, 50, 0, [1, 1, 1]), (1, 300, 40, [4, 1, 1]), (1, 96, 10, [3, 3, 1]),
+                                               (1, 120, 30, [1, 4, 4])])
+def test_cudnn_band_decomposition_equals_the_two_sided_band(B, S, w, dilations):
+    """The cuDNN operators (main call on the shifted keys + corner, or one two-sided call for short sequences;
+    dilated heads as strided class views), each call through the plain-PyTorch implementation of cuDNN's band
+    contract, against autograd through the dense masked softmax: |i − j| ≤ w·d and d | i − j."""
+    g = torch.Generator().manual_seed(S + w)
+    H = len(dilations)
+    q, k, v = (torch.randn(B, S, H, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    scale = 8 ** -0.5
+    offset = torch.arange(S)[:, None] - torch.arange(S)[None, :]
+    d = torch.tensor(dilations)[:, None, None]
+    allowed = (offset % d == 0) & (offset.abs() <= w * d)  # (H, S, S)
+    s = (torch.einsum("bihd,bjhd->bhij", q, k) * scale).masked_fill(~allowed, float("-inf"))
+    ref = torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad((ref * dout).sum(), (q, k, v))
+    groups = []
+    for h, dh in enumerate(dilations):  # maximal runs of equal dilation
+        if groups and groups[-1] == dh and groups[-3] + groups[-2] == h:
+            groups[-2] += 1
+        else:
+            groups += [h, 1, dh]
+    args = (q.detach(), k.detach(), v.detach())
+    out, lse = cudnn_band.band_forward(*args, w, scale, groups)
+    tol = dict(atol=1e-5, rtol=1e-5)  # the operators compute in fp32, the reference in fp64
+    torch.testing.assert_close(out, ref.detach(), **tol)
+    torch.testing.assert_close(lse, s.logsumexp(-1).detach().float(), **tol)
+    grads = cudnn_band.band_backward(dout, *args, out, lse, w, scale, groups)
+    for name, a, b in zip(("dq", "dk", "dv"), ref_grads, grads):
+        torch.testing.assert_close(b, a, msg=name, **tol)
 
 
 def test_plan_uses_views_where_it_can_and_runs_elsewhere():
@@ -92,13 +143,16 @@ def test_flash_backend_refuses_inputs_its_kernels_cannot_run():
         layer.attend(q, q, q)
 
 
-@pytest.mark.skipif(not CUDA, reason="FlashAttention-2 kernels need a CUDA GPU")
+@pytest.mark.skipif(not CUDA, reason="FlashAttention-2 and cuDNN kernels need a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["fa2", "cudnn"])
 @pytest.mark.parametrize("case", CASES + [(1, 4500, 4, 256, [1, 1, 4, 4], 16, 0, True),
                                           (1, 4096, 4, 256, [1, 1, 4, 4], 16, 0, False)])
-def test_flash_kernels_match_dense_on_gpu(case):
-    """bf16 FlashAttention-2 against the fp32 dense reference on the same (bf16-representable) inputs."""
+def test_flash_kernels_match_dense_on_gpu(case, kernel):
+    """bf16 band kernels against the fp32 dense reference on the same (bf16-representable) inputs."""
+    if kernel == "cudnn" and not cudnn_band.available():
+        pytest.skip("the cuDNN frontend (nvidia-cudnn-frontend) is not installed")
     ref = _out_and_grads(case, "dense", "cuda", torch.float32, hd=64)
-    got = _out_and_grads(case, "flash", "cuda", torch.bfloat16, hd=64, kernel="fa2")
+    got = _out_and_grads(case, "flash", "cuda", torch.bfloat16, hd=64, kernel=kernel)
     for name, a, b in zip("out dq dk dv".split(), ref, got):
         err = ((a - b).norm() / a.norm()).item()
         assert err < 1e-2, (name, err)

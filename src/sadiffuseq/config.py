@@ -49,6 +49,8 @@ class ModelConfig:
     # auto (flex on CUDA, banded on the CPU), flex, flash (FlashAttention-2 band; CUDA, bf16/fp16), banded,
     # dense (the reference, O(L²))
     attention_backend: str = "auto"
+    # flash: the band kernel: auto (cudnn where NVIDIA's cuDNN frontend is installed, else fa2), cudnn, fa2
+    flash_kernel: str = "auto"
     flex_globals: str = "auto"  # flex: global-token schedule: auto (split from 16k tokens), inline, split
     # flex: torch.compile mode of the attention region: auto (max-autotune-no-cudagraphs from 16k tokens, default
     # below), default, max-autotune-no-cudagraphs (searches the kernels' tile sizes: minutes more for the first
@@ -82,6 +84,7 @@ class ModelConfig:
         _in_range(self, "dropout", 0.0, 1.0, hi_open=True)
         _choice(self, "attention", ("dense", "sparse"))
         _choice(self, "attention_backend", ("auto", "flash", "flex", "banded", "dense"))
+        _choice(self, "flash_kernel", ("auto", "cudnn", "fa2", "reference"))
         if self.flex_globals == "copies":  # an earlier schedule of the same function, retired: split replaces it
             self.flex_globals = "split"
         _choice(self, "flex_globals", ("auto", "inline", "split"))

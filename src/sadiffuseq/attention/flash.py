@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sadiffuseq.attention import patterns
+from sadiffuseq.attention import cudnn_band, patterns
 
 # ---------------------------------------------------------------------------------------------------------
 # the band kernels: (q, k, v) in FlashAttention's layout — (B, L, H, hd), or (total, H, hd) with cumulative
@@ -105,12 +105,27 @@ def _reference_backward(dout, q, k, v, out, lse, cu, max_len: int, w: int, scale
 
 
 KERNELS = {"fa2": (_fa2_forward, _fa2_backward), "reference": (_reference_forward, _reference_backward)}
+# ``cudnn`` (attention/cudnn_band.py) is one operator for the band of every head of a layer, used where every group
+# is a plain row or a strided class view over a contiguous range of heads; other groups (variable-length runs)
+# take FlashAttention-2 on CUDA, the reference elsewhere.
 
 
-def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the ``fa2`` kernels run these inputs (CUDA, fp16/bf16, head width a multiple of 8, at most 256)."""
+def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int, kernel: str = "fa2") -> bool:
+    """Whether ``kernel`` runs these inputs: ``fa2`` — CUDA, fp16/bf16, head width a multiple of 8 up to 256;
+    ``cudnn`` — the same with the cuDNN frontend installed, head width up to 128; ``reference`` — anything."""
+    if kernel == "reference":
+        return True
+    if kernel == "cudnn":
+        return cudnn_band.supports(device, dtype, head_dim)
     return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
             and head_dim <= 256)
+
+
+def resolve_kernel(name: str, device: torch.device) -> str:
+    """``auto`` -> ``cudnn`` on CUDA when the cuDNN frontend is installed, else ``fa2``."""
+    if name != "auto":
+        return name
+    return "cudnn" if torch.device(device).type == "cuda" and cudnn_band.available() else "fa2"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,6 +159,7 @@ class FlashPlan:
     global_pos: torch.Tensor | None  # (G,) original positions of the global tokens, or None
     skip: torch.Tensor | None  # (B|1, H, L, G) bool: the global key is in the query's band or another document
     doc_ids: torch.Tensor | None  # (B, L) for the global rows, or None
+    device_type: str = "cpu"
 
 
 def _runs(doc_ids: torch.Tensor | None, B: int, L: int, order: torch.Tensor | None, dilation: int) -> tuple:
@@ -198,7 +214,7 @@ def make_plan(dilations: tuple[int, ...], window: int, length: int, batch: int, 
         skip = in_band[None]
         if doc_ids is not None:
             skip = skip | (doc_ids[:, None, :, None] != doc_ids[:, None, global_pos][:, :, None, :])
-    return FlashPlan(tuple(groups), window, kernel, global_pos, skip, doc_ids)
+    return FlashPlan(tuple(groups), window, kernel, global_pos, skip, doc_ids, torch.device(device).type)
 
 
 @functools.lru_cache(maxsize=64)
@@ -274,8 +290,23 @@ def _split_plan(plan: FlashPlan) -> tuple[tuple, tuple]:
     takes as inputs (so a new batch of packed documents is new inputs, not a recompilation)."""
     static = tuple((g.heads, g.dilation, g.mode, g.max_len) for g in plan.groups)
     tensors = tuple((g.order, g.inverse, g.cu) for g in plan.groups)
-    return ((plan.window, plan.kernel, static, plan.global_pos is not None, plan.doc_ids is not None),
+    kernel = plan.kernel
+    if kernel == "cudnn":
+        spec = _cudnn_spec(plan.groups)
+        kernel = ("cudnn", spec) if spec is not None else ("fa2" if plan.device_type == "cuda" else "reference")
+    return ((plan.window, kernel, static, plan.global_pos is not None, plan.doc_ids is not None),
             (tensors, plan.global_pos, plan.skip, plan.doc_ids))
+
+
+def _cudnn_spec(groups: tuple[BandGroup, ...]) -> tuple[int, ...] | None:
+    """(first head, count, dilation) triples for the cuDNN operator, or None where a group is not a plain row or a
+    class view over a contiguous range of heads."""
+    spec = []
+    for g in groups:
+        if g.mode == "runs" or g.heads != tuple(range(g.heads[0], g.heads[0] + len(g.heads))):
+            return None
+        spec += [g.heads[0], len(g.heads), g.dilation]
+    return tuple(spec)
 
 
 def _assemble(parts, groups, dim: int):
@@ -306,12 +337,6 @@ def _chunks(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(B, H, -1, CHUNK, D)
 
 
-def _unchunk(x: torch.Tensor, L: int) -> torch.Tensor:
-    """(B, H, n, CHUNK, hd) -> (B, L, H, hd)."""
-    B, H, n, C, D = x.shape
-    return x.reshape(B, H, n * C, D)[:, :, :L].transpose(1, 2)
-
-
 def _global_key_scores(q, k_g, skip, scale):
     """(B, L, H, hd) queries against (B, G, H, hd) global keys -> (B, H, L, G) fp32 scores, skipped pairs -inf."""
     s = torch.einsum("blhd,bghd->bhlg", q, k_g).float() * scale
@@ -319,22 +344,41 @@ def _global_key_scores(q, k_g, skip, scale):
 
 
 def _global_row_scores(q_g, k, global_pos, doc_ids, scale):
-    """(B, G, H, hd) global queries against every key -> (B, H, n, G, CHUNK) fp32 scores; keys of other
-    documents and the padding -inf."""
-    B, L = k.shape[:2]
-    s = (q_g.transpose(1, 2)[:, :, None] @ _chunks(k).transpose(-1, -2)).float() * scale
-    n = s.shape[2]
-    allowed = (torch.arange(n * CHUNK, device=k.device) < L).view(1, 1, n, 1, CHUNK)
+    """(B, G, H, hd) global queries against every key -> (B, H, G, L) fp32 scores, other documents -inf."""
+    s = torch.einsum("bghd,blhd->bhgl", q_g, k).float() * scale
     if doc_ids is not None:
-        docs = F.pad(doc_ids, (0, n * CHUNK - L), value=-1).view(B, 1, n, 1, CHUNK)
-        allowed = allowed & (docs == doc_ids[:, global_pos].view(B, 1, 1, -1, 1))
-    return s.masked_fill(~allowed, float("-inf"))
+        s = s.masked_fill(doc_ids[:, None, None, :] != doc_ids[:, global_pos][:, None, :, None], float("-inf"))
+    return s
 
 
-def _forward_body(static, q, k, v, tensors):
-    (window, kernel, groups, has_globals, _), (group_tensors, global_pos, skip, doc_ids) = static, tensors
+def _over_globals(weights, x):
+    """Σ_g weights[b, h, l, g] · x[b, g, h, :] -> (B, L, H, hd) fp32: an (L × G) by (G × hd) matmul per head.
+    (Written as a broadcast product summed over G instead, the compiler made it a reduction kernel ~20× slower
+    on an H100 at 32k tokens.)"""
+    return torch.einsum("bhlg,bghd->blhd", weights.to(x.dtype), x).float()
+
+
+def _over_sequence(weights, x):
+    """Σ_l weights[b, h, g, l] · x[b, l, h, :] -> (B, H, G, hd) fp32, as matmuls over chunks of CHUNK positions
+    summed afterwards (split-K: the output is a few tiles, the inner dimension the whole sequence)."""
+    return (_chunks(weights.transpose(-1, -2).transpose(1, 2)).transpose(-1, -2) @ _chunks(x)).float().sum(2)
+
+
+def _scatter_rows(rows, slot):
+    """(B, H, G, hd) values of the global rows -> (B, L, H, hd), zero elsewhere, as a gather through ``slot``
+    (L,) (the row's index among the globals, G elsewhere) that the compiler fuses into its consumer."""
+    padded = F.pad(rows, (0, 0, 0, 1))  # slot G reads zeros
+    return padded[:, :, slot].transpose(1, 2)
+
+
+def _band_forward(static, q, k, v, group_tensors):
+    """The band of every head -> out (B, L, H, hd), lse (B, H, L) fp32, the kernels' states."""
+    window, kernel, groups = static[:3]
     B, L, H, D = q.shape
     scale = D ** -0.5
+    if isinstance(kernel, tuple):  # ("cudnn", spec): one operator for every head
+        out, lse = torch.ops.sadiffuseq.cudnn_band_forward(q, k, v, window, scale, list(kernel[1]))
+        return out, lse, []
     forward_kernel = KERNELS[kernel][0]
     outs, lses, states = [], [], []
     for (heads, d, mode, max_len), (order, inverse, cu) in zip(groups, group_tensors):
@@ -343,68 +387,88 @@ def _forward_body(static, q, k, v, tensors):
         outs.append(_from_kernel(o, mode, inverse, B, L))
         lses.append(_lse_from_kernel(s, mode, inverse, B, L))
         states.append(state)
-    out = _assemble(outs, groups, dim=2)
-    lse = _assemble(lses, groups, dim=1)
-    if not has_globals:
-        return out, lse, states
-    # the global keys, merged with the band by log-sum-exp
-    k_g, v_g = k[:, global_pos], v[:, global_pos]
-    s = _global_key_scores(q, k_g, skip, scale)
-    merged = torch.logaddexp(lse, s.logsumexp(-1))
-    band_weight = torch.exp(lse - merged).transpose(1, 2)[..., None]  # (B, L, H, 1)
-    p = torch.exp(s - merged[..., None]).to(q.dtype)
-    out = (out * band_weight + torch.einsum("bhlg,bghd->blhd", p, v_g).float()).to(q.dtype)
-    # the global rows: every key of their document, one softmax over all chunks
-    r = _global_row_scores(q[:, global_pos], k, global_pos, doc_ids, scale)  # (B, H, n, G, CHUNK)
-    row_lse = r.logsumexp(dim=(2, 4))  # (B, H, G)
-    rows = (torch.exp(r - row_lse[:, :, None, :, None]).to(v.dtype) @ _chunks(v)).float().sum(2)  # (B, H, G, hd)
-    out = out.index_copy(1, global_pos, rows.transpose(1, 2).to(q.dtype))
-    lse = merged.index_copy(2, global_pos, row_lse)
-    return out, lse, states
+    return _assemble(outs, groups, dim=2), _assemble(lses, groups, dim=1), states
 
 
-def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
-    (window, kernel, groups, has_globals, _), (group_tensors, global_pos, skip, doc_ids) = static, tensors
+def _band_backward(static, dout, q, k, v, out, lse, states, group_tensors):
+    window, kernel, groups = static[:3]
     B, L, H, D = q.shape
     scale = D ** -0.5
+    if isinstance(kernel, tuple):
+        return torch.ops.sadiffuseq.cudnn_band_backward(dout, q, k, v, out, lse, window, scale, list(kernel[1]))
     backward_kernel = KERNELS[kernel][1]
-    dout = dout.contiguous()
-    # the global rows' outputs came from their own softmax: the band and the global keys get no gradient there
-    dout_rest = dout.index_fill(1, global_pos, 0) if has_globals else dout
     grads = [], [], []
     for (heads, d, mode, max_len), (order, inverse, cu), state in zip(groups, group_tensors, states):
-        args = [_to_kernel(_heads(t, heads), mode, d, order) for t in (dout_rest, q, k, v, out)]
+        args = [_to_kernel(_heads(t, heads), mode, d, order) for t in (dout, q, k, v, out)]
         parts = backward_kernel(*args, _lse_to_kernel(_heads(lse, heads, dim=1), mode, d, order), cu,
                                 max_len or args[1].shape[1], window, scale, state)
         for full, part in zip(grads, parts):
             full.append(_from_kernel(part, mode, inverse, B, L))
-    dq, dk, dv = (_assemble(g, groups, dim=2) for g in grads)
+    return tuple(_assemble(g, groups, dim=2) for g in grads)
+
+
+def _forward_body(static, q, k, v, tensors):
+    has_globals = static[3]
+    group_tensors, global_pos, skip, doc_ids = tensors
+    B, L, H, D = q.shape
+    scale = D ** -0.5
+    out, lse, states = _band_forward(static, q, k, v, group_tensors)
     if not has_globals:
-        return dq, dk, dv
-    dq, dk, dv = dq.float(), dk.float(), dv.float()
+        return out, lse, states
+    G = global_pos.shape[0]
+    slot = torch.full((L,), G, dtype=torch.long, device=q.device).index_copy(
+        0, global_pos, torch.arange(G, device=q.device))
+    is_global = slot < G
+    # the global keys, merged with the band by log-sum-exp
+    k_g, v_g = k[:, global_pos], v[:, global_pos]
+    s = _global_key_scores(q, k_g, skip, scale)  # (B, H, L, G)
+    merged = torch.logaddexp(lse, s.logsumexp(-1))
+    band_weight = torch.exp(lse - merged).transpose(1, 2)[..., None]  # (B, L, H, 1)
+    out = out * band_weight + _over_globals(torch.exp(s - merged[..., None]), v_g)
+    # the global rows: every key of their document, one softmax over the whole sequence
+    r = _global_row_scores(q[:, global_pos], k, global_pos, doc_ids, scale)  # (B, H, G, L)
+    row_lse = r.logsumexp(-1)  # (B, H, G)
+    rows = _over_sequence(torch.exp(r - row_lse[..., None]).to(v.dtype), v)  # (B, H, G, hd)
+    out = torch.where(is_global[:, None, None], _scatter_rows(rows, slot), out).to(q.dtype)
+    lse = torch.where(is_global, F.pad(row_lse, (0, 1))[..., slot], merged)
+    return out, lse, states
+
+
+def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
+    has_globals = static[3]
+    group_tensors, global_pos, skip, doc_ids = tensors
+    B, L, H, D = q.shape
+    scale = D ** -0.5
+    dout = dout.contiguous()
+    if not has_globals:
+        return _band_backward(static, dout, q, k, v, out, lse, states, group_tensors)
+    G = global_pos.shape[0]
+    slot = torch.full((L,), G, dtype=torch.long, device=q.device).index_copy(
+        0, global_pos, torch.arange(G, device=q.device))
+    # The global rows' outputs came from their own softmax: with their log-sum-exp set to +inf, the band and the
+    # global keys see probabilities exp(s − inf) = 0 there, so those rows send and receive no gradient through
+    # them (no copy of dout with those rows zeroed).
+    lse_rest = lse.index_fill(2, global_pos, float("inf"))
+    dq, dk, dv = _band_backward(static, dout, q, k, v, out, lse_rest, states, group_tensors)
     # the global keys: dS = P ∘ (dP − rowsum(dO ∘ O)) with the merged probabilities
     k_g, v_g = k[:, global_pos], v[:, global_pos]
-    p = torch.exp(_global_key_scores(q, k_g, skip, scale) - lse[..., None])  # (B, H, L, G)
-    row_dot = (dout_rest.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, L)
-    ds = p * (torch.einsum("blhd,bghd->bhlg", dout_rest, v_g).float() - row_dot[..., None])
-    dq = dq + torch.einsum("bhlg,bghd->blhd", ds.to(q.dtype), k_g).float() * scale
-    # (G × L) by (L × hd) products, cut into chunks along L
-    ds_c, p_c = (_chunks(t.transpose(1, 2)) for t in (ds.to(q.dtype), p.to(q.dtype)))  # (B, H, n, CHUNK, G)
-    dk_g = (ds_c.transpose(-1, -2) @ _chunks(q)).float().sum(2) * scale  # (B, H, G, hd)
-    dv_g = (p_c.transpose(-1, -2) @ _chunks(dout_rest)).float().sum(2)
+    p = torch.exp(_global_key_scores(q, k_g, skip, scale) - lse_rest[..., None])  # (B, H, L, G)
+    row_dot = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # (B, H, L)
+    ds = p * (torch.einsum("blhd,bghd->bhlg", dout, v_g).float() - row_dot[..., None])
+    dk_g = _over_sequence(ds.transpose(-1, -2).to(q.dtype), q) * scale  # (B, H, G, hd)
+    dv_g = _over_sequence(p.transpose(-1, -2).to(q.dtype), dout)
     # the global rows against every key
     q_g, do_g, o_g = q[:, global_pos], dout[:, global_pos], out[:, global_pos]  # (B, G, H, hd)
-    r = _global_row_scores(q_g, k, global_pos, doc_ids, scale)
-    pr = torch.exp(r - lse.transpose(1, 2)[:, global_pos].transpose(1, 2)[:, :, None, :, None])  # (B,H,n,G,C)
-    do_gt = do_g.transpose(1, 2)[:, :, None]  # (B, H, 1, G, hd)
-    dpr = (do_gt @ _chunks(v).transpose(-1, -2)).float()  # (B, H, n, G, CHUNK)
-    dsr = (pr * (dpr - (do_g.float() * o_g.float()).sum(-1).transpose(1, 2)[:, :, None, :, None])).to(q.dtype)
-    dq_g = (dsr @ _chunks(k)).float().sum(2) * scale  # (B, H, G, hd)
-    dk = dk + _unchunk((dsr.transpose(-1, -2) @ q_g.transpose(1, 2)[:, :, None]).float(), L) * scale
-    dv = dv + _unchunk((pr.to(q.dtype).transpose(-1, -2) @ do_gt).float(), L)
-    dq = dq.index_add(1, global_pos, dq_g.transpose(1, 2))
-    dk = dk.index_add(1, global_pos, dk_g.transpose(1, 2))
-    dv = dv.index_add(1, global_pos, dv_g.transpose(1, 2))
+    pr = torch.exp(_global_row_scores(q_g, k, global_pos, doc_ids, scale)
+                   - lse[:, :, global_pos][..., None])  # (B, H, G, L)
+    dpr = torch.einsum("bghd,blhd->bhgl", do_g, v).float()
+    dsr = pr * (dpr - (do_g.float() * o_g.float()).sum(-1).transpose(1, 2)[..., None])  # (B, H, G, L)
+    dq_g = _over_sequence(dsr.to(q.dtype), k) * scale  # (B, H, G, hd)
+    # every gradient in one pass per tensor: band + global-key terms + global-row terms
+    dq = dq + _over_globals(ds, k_g) * scale + _scatter_rows(dq_g, slot)
+    dk = (dk + _over_globals(dsr.transpose(-1, -2), q_g) * scale
+          + _scatter_rows(dk_g, slot))
+    dv = dv + _over_globals(pr.transpose(-1, -2), do_g) + _scatter_rows(dv_g, slot)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
@@ -420,8 +484,8 @@ def _run(body, static, device: torch.device, *args):
     """The body compiled on CUDA, eager elsewhere — and eager with variable-length runs (packed documents, several
     rows of dilated heads): compiled, the variable-length backward's dq came out wrong on PyTorch 2.11 (the same
     kernel called eagerly matches the reference, `tests/test_flash_attention.py`)."""
-    varlen = any(mode == "runs" for _, _, mode, _ in static[2])
-    compiled = device.type == "cuda" and static[1] == "fa2" and not varlen
+    varlen = any(mode == "runs" for _, _, mode, _ in static[2]) and not isinstance(static[1], tuple)
+    compiled = device.type == "cuda" and static[1] != "reference" and not varlen
     return (_compiled(body) if compiled else body)(static, *args)
 
 

@@ -37,7 +37,8 @@ class SparseSelfAttention(nn.Module):
         self.backend = cfg.attention_backend
         self.global_schedule = cfg.flex_globals
         self.compile_mode = cfg.flex_compile
-        self.flash_kernel = "fa2"  # the reference kernel (plain PyTorch) lets tests run the flash backend on a CPU
+        # the flash backend's band kernel: auto, cudnn, fa2 (tests may set "reference", plain PyTorch, for the CPU)
+        self.flash_kernel = cfg.flash_kernel
         dilations = cfg.dilations or [1] * cfg.n_heads
         self.dilations = tuple(dilations)
         # (dilation, head indices) groups; ``head_order`` restores the original head order after concatenation.
@@ -81,8 +82,9 @@ class SparseSelfAttention(nn.Module):
         """The ``flash`` backend's plan (head groups, token runs, global tokens) for ``batch`` rows of ``length``."""
         if doc_ids is not None:
             batch = doc_ids.shape[0]
+        kernel = flash.resolve_kernel(self.flash_kernel, device)
         return flash.plan_for(self.dilations, self.window, length, batch, torch.device(device), self.global_first,
-                              self.global_every, doc_ids, self.flash_kernel)
+                              self.global_every, doc_ids, kernel)
 
     def flex_plan(self, length: int, device: torch.device, doc_ids=None) -> FlexPlan | None:
         """This layer's FlexAttention plan for ``length`` tokens (token orders, BlockMask, schedule), or None where
@@ -102,11 +104,15 @@ class SparseSelfAttention(nn.Module):
         L = q.shape[2]
         backend = resolve_backend(self.backend, q.device, self.head_dim)
         if backend == "flash":  # every head at once: the band through FlashAttention's sliding window
-            if self.flash_kernel == "fa2" and not flash.kernel_supports(q.device, q.dtype, self.head_dim):
+            kernel = flash.resolve_kernel(self.flash_kernel, q.device)
+            if not flash.kernel_supports(q.device, q.dtype, self.head_dim, kernel):
+                need = ("the cuDNN frontend (pip install nvidia-cudnn-frontend), a head width up to 128"
+                        if kernel == "cudnn" else "a head width that is a multiple of 8 up to 256")
                 raise ValueError(
-                    f"attention backend 'flash' needs a CUDA GPU, fp16/bf16 inputs and a head width that is a "
-                    f"multiple of 8 up to 256 (got {q.device.type}, {q.dtype}, {self.head_dim}); train in bf16 "
-                    f"(train.precision) or set model.attention_backend to auto, flex or banded")
+                    f"attention backend 'flash' with band kernel '{kernel}' needs a CUDA GPU, fp16/bf16 inputs and "
+                    f"{need} (got {q.device.type}, {q.dtype}, head width {self.head_dim}); train in bf16 "
+                    f"(train.precision), set model.flash_kernel, or set model.attention_backend to auto, flex or "
+                    f"banded")
             if not isinstance(plan, flash.FlashPlan):
                 plan = self.flash_plan(L, q.device, doc_ids, q.shape[0])
             return flash.flash_attention(q, k, v, plan)
