@@ -156,3 +156,21 @@ def test_flash_kernels_match_dense_on_gpu(case, kernel):
     for name, a, b in zip("out dq dk dv".split(), ref, got):
         err = ((a - b).norm() / a.norm()).item()
         assert err < 1e-2, (name, err)
+
+
+def test_auto_band_kernel_is_cudnn_only_for_long_rows_with_the_frontend(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(cudnn_band, "available", lambda: True)
+    assert flash.resolve_kernel("auto", cuda, flash.CUDNN_FROM) == "cudnn"
+    assert flash.resolve_kernel("auto", cuda, flash.CUDNN_FROM - 1) == "fa2"
+    assert flash.resolve_kernel("auto", torch.device("cpu"), 10 ** 6) == "fa2"
+    assert flash.resolve_kernel("fa2", cuda, 10 ** 6) == "fa2"
+    monkeypatch.setattr(cudnn_band, "available", lambda: False)
+    assert flash.resolve_kernel("auto", cuda, 10 ** 6) == "fa2"
+
+
+def test_config_rejects_an_unknown_band_kernel():
+    from sadiffuseq.errors import UserError
+
+    with pytest.raises(UserError, match="flash_kernel"):
+        ModelConfig(flash_kernel="fa3").validate()

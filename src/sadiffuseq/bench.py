@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sadiffuseq.attention import patterns
+from sadiffuseq.attention import flash, patterns
 from sadiffuseq.attention.backends import (
     GLOBAL_SCHEDULES,
     resolve_compile_mode,
@@ -90,6 +90,7 @@ def _compile_options(compile: str | bool) -> dict:
 
 def _fwd_bwd(attend, q, k, v, grad):
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays
         out = attend(q, k, v)
         out.backward(grad)
         q.grad = k.grad = v.grad = None
@@ -132,7 +133,7 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
                     dilated_heads: int = 8, dilation: int = 4, n_global: int = 16, batch: int = 1,
                     naive: bool = True, reps: int = 10, out_dir: str | Path = "bench_out",
                     schedules: tuple[str, ...] = GLOBAL_SCHEDULES, compile_mode: str = "auto",
-                    backends: tuple[str, ...] = ("flex",)) -> list[dict]:
+                    backends: tuple[str, ...] = ("flex",), flash_kernel: str = "auto") -> list[dict]:
     """Dense SDPA vs the sparse pattern (fwd+bwd, bf16) per length, on the sparse ``backends`` (``flex``:
     FlexAttention, the default, timed under each global-token schedule of ``schedules``; ``flash``: the band
     through FlashAttention-2's sliding window). The ``sparse_*`` columns are flex under the default global-token
@@ -158,7 +159,8 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
     flash_layer = None
     if "flash" in backends:
         flash_layer = SparseSelfAttention(pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global,
-                                                         backend="flash")).to(device)
+                                                         backend="flash", compile_mode=compile_mode)).to(device)
+        flash_layer.flash_kernel = flash_kernel
     rows = []
     for L in tqdm(lengths, desc="lengths"):
         torch.manual_seed(0)
@@ -196,6 +198,8 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
                "compile": resolve_compile_mode(compile_mode, L), "dense_queued_ms": dense_queued_ms,
                "sparse_queued_ms": schedule_queued_ms[default],
                "queued_speedup": dense_queued_ms / schedule_queued_ms[default]}
+        if flash_layer is not None:  # which band kernel the flash backend ran (model.flash_kernel, auto: cudnn if installed)
+            row["flash_kernel"] = flash.resolve_kernel(flash_layer.flash_kernel, device, L)
         for schedule, ms in schedule_ms.items():
             row[f"{schedule}_ms"], row[f"{schedule}_speedup"] = ms, dense_ms / ms
             row[f"{schedule}_queued_ms"] = schedule_queued_ms[schedule]
@@ -239,6 +243,7 @@ def bench_model(cfg: Config, length: int, vocab: int = 16000, batch: int = 1, re
         batch_ = {"ids": ids, "input_mask": mask}
 
         def step():
+            torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays
             t = torch.randint(0, diffusion.steps, (batch,), device=device)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = diffusion.training_losses(fwd, batch_, t)["loss"].mean()

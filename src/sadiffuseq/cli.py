@@ -202,7 +202,8 @@ def cmd_bench(args, extra, parser) -> None:
                                      args.dilation, args.globals, args.batch, not args.no_naive, args.reps, args.out,
                                      tuple(s.strip() for s in args.schedules.split(",") if s.strip()),
                                      args.flex_compile,
-                                     tuple(s.strip() for s in args.backends.split(",") if s.strip()))
+                                     tuple(s.strip() for s in args.backends.split(",") if s.strip()),
+                                     args.flash_kernel)
         print(bench.format_rows(rows))
         print(f"written {args.out}/attention.csv and {args.out}/attention.png")
     elif args.what == "moe":
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="flex",
                    help="attention: sparse backends to time, flex and/or flash (default flex; the sparse_ms column "
                    "is flex when listed)")
+    p.add_argument("--flash-kernel", default="auto", choices=("auto", "cudnn", "fa2"),
+                   help="attention: the flash backend's band kernel (model.flash_kernel): auto (cudnn from 64k tokens "
+                   "where NVIDIA's cudnn frontend is installed, else fa2), cudnn or fa2")
     p.add_argument("--schedules", default="inline,split",
                    help="attention: global-token schedules to time (default inline,split; the default "
                    "schedule, model.flex_globals resolved per length, is the sparse_ms column when listed, else the first one)")

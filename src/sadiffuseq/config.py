@@ -49,7 +49,8 @@ class ModelConfig:
     # auto (flex on CUDA, banded on the CPU), flex, flash (FlashAttention-2 band; CUDA, bf16/fp16), banded,
     # dense (the reference, O(L²))
     attention_backend: str = "auto"
-    # flash: the band kernel: auto (cudnn where NVIDIA's cuDNN frontend is installed, else fa2), cudnn, fa2
+    # flash: the band kernel: auto (cudnn from 64k tokens where NVIDIA's cuDNN frontend is installed, else fa2),
+    # cudnn (pip install nvidia-cudnn-frontend), fa2
     flash_kernel: str = "auto"
     flex_globals: str = "auto"  # flex: global-token schedule: auto (split from 16k tokens), inline, split
     # flex: torch.compile mode of the attention region: auto (max-autotune-no-cudagraphs from 16k tokens, default

@@ -197,6 +197,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, log=print) -
     bar = tqdm(total=cfg.train.steps, initial=step, desc="training", disable=not progress, dynamic_ncols=True)
     while step < cfg.train.steps:
         batch = to_device(stream.next(), device)
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays (compile modes with graphs)
         t, weights = ts_sampler.sample(batch["ids"].shape[0], device)
         with autocast(device, dtype):
             losses = diffusion.training_losses(fwd, batch, t)

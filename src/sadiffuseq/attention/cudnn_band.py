@@ -129,9 +129,7 @@ class _Graph:
             for n in ("seq_q", "seq_kv"):
                 tensors[n] = g.tensor(name=n, dim=[B, 1, 1, 1], stride=[1, 1, 1, 1], data_type=c.data_type.INT32)
             band.update(use_padding_mask=True, seq_len_q=tensors["seq_q"], seq_len_kv=tensors["seq_kv"])
-            device = torch.device("cuda", device_index)
-            self.lengths = {"seq_q": torch.full((B, 1, 1, 1), Sq, dtype=torch.int32, device=device),
-                            "seq_kv": torch.full((B, 1, 1, 1), Skv, dtype=torch.int32, device=device)}
+            self.lengths = {"seq_q": (B, Sq), "seq_kv": (B, Skv)}
         else:
             self.lengths = {}
         if not backward:
@@ -151,17 +149,23 @@ class _Graph:
         g.build_plans()
         self.graph = g
         self.slots = {**tensors, **outputs}
-        self.workspace = torch.empty(g.get_workspace_size(), dtype=torch.uint8, device=torch.device("cuda", device_index))
+        self.workspace_size = g.get_workspace_size()
         self.stream = None
 
     def run(self, data: dict) -> None:
-        stream = torch.cuda.current_stream().cuda_stream
+        # The workspace and the length tensors are allocated per call, not kept: kept, a first call made while
+        # torch.compile's CUDA-graph trees warm up would leave them in the graphs' memory pool, which must hold
+        # nothing but the graphs' own tensors.
+        device = data["q"].device
+        stream = torch.cuda.current_stream(device).cuda_stream
         if stream != self.stream:  # the handle launches on the stream it was last given
             _cudnn.set_stream(handle=self.handle, stream=stream)
             self.stream = stream
         pack = {self.slots[n]: t for n, t in data.items()}
-        pack.update({self.slots[n]: t for n, t in self.lengths.items()})
-        self.graph.execute(pack, self.workspace, handle=self.handle)
+        for name, (B, n) in self.lengths.items():
+            pack[self.slots[name]] = torch.full((B, 1, 1, 1), n, dtype=torch.int32, device=device)
+        workspace = torch.empty(self.workspace_size, dtype=torch.uint8, device=device)
+        self.graph.execute(pack, workspace, handle=self.handle)
 
 
 @functools.lru_cache(maxsize=512)

@@ -22,13 +22,17 @@ ring attention uses for its blocks: FlashAttention's backward recomputes P = exp
 dS = P ∘ (dP − rowsum(dO ∘ O)); given the final O and lse those are the final attention probabilities and the
 exact gradient of each band entry, so no gradient has to flow through the partial log-sum-exps.
 
-Kernels: ``fa2`` (CUDA, fp16/bf16, head width a multiple of 8 up to 256) and ``reference``, the same contract
-in plain PyTorch (fp32, O(L²) per sequence) so that the CPU tests check everything here except the CUDA kernel.
+The rows of the global tokens get no gradient through the band or the global keys: the backward hands the kernels
+a log-sum-exp of +inf on those rows, so every probability there is exp(s − inf) = 0 (no copy of dO with rows zeroed).
 
-Where it stands (H100, docs/benchmarks.md): FlashAttention-2's band kernel alone is faster than FlexAttention's
-at 8k tokens (0.47 vs 0.81 ms fwd+bwd for 16 heads) and slower at 32k (1.8 vs 1.6 ms); with the global tokens
-and the layout work around it this backend is slower than ``flex`` on the benchmark pattern at every length
-measured, bound by host time at 8k. It is therefore opt-in (``model.attention_backend: flash``).
+Band kernels (``model.flash_kernel``): ``fa2`` (CUDA, fp16/bf16, head width a multiple of 8 up to 256), ``cudnn``
+(cuDNN's causal band made two-sided, :mod:`sadiffuseq.attention.cudnn_band`; needs NVIDIA's cudnn frontend;
+one operator for the band of every head) and ``reference``, FlashAttention's contract in plain PyTorch (fp32,
+O(L²) per sequence) so that the CPU tests check everything here except the CUDA kernels.
+
+Where it stands (H100, docs/benchmarks.md): cuDNN's band kernels take about half FlashAttention-2's time, but
+the cuDNN path spends more host time than its kernels save below ~64k tokens; FlexAttention (``flex``) stays the
+default backend. ``flash`` is opt-in (``model.attention_backend: flash``), exact, and needs no compilation.
 """
 
 from __future__ import annotations
@@ -121,11 +125,17 @@ def kernel_supports(device: torch.device, dtype: torch.dtype, head_dim: int, ker
             and head_dim <= 256)
 
 
-def resolve_kernel(name: str, device: torch.device) -> str:
-    """``auto`` -> ``cudnn`` on CUDA when the cuDNN frontend is installed, else ``fa2``."""
+CUDNN_FROM = 65536  # ``auto`` picks cuDNN's band from this many tokens per row (H100: faster at 128k, slower at 32k)
+
+
+def resolve_kernel(name: str, device: torch.device, length: int) -> str:
+    """``auto`` -> ``cudnn`` on CUDA from :data:`CUDNN_FROM` tokens when the cuDNN frontend is installed, else
+    ``fa2``. Below that the cuDNN path's host time (eight frontend calls per layer and step) outweighs its faster
+    kernels (docs/benchmarks.md)."""
     if name != "auto":
         return name
-    return "cudnn" if torch.device(device).type == "cuda" and cudnn_band.available() else "fa2"
+    use = torch.device(device).type == "cuda" and cudnn_band.available() and length >= CUDNN_FROM
+    return "cudnn" if use else "fa2"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -473,41 +483,50 @@ def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
 
 
 @functools.cache
-def _compiled(body):
+def _compiled(body, mode: str):
     from sadiffuseq.attention.backends import _allow_recompiles
 
     _allow_recompiles()
-    return torch.compile(body, dynamic=False)
+    return torch.compile(body, dynamic=False, mode=None if mode == "default" else mode)
 
 
-def _run(body, static, device: torch.device, *args):
-    """The body compiled on CUDA, eager elsewhere — and eager with variable-length runs (packed documents, several
-    rows of dilated heads): compiled, the variable-length backward's dq came out wrong on PyTorch 2.11 (the same
+def _run(body, static, device: torch.device, mode: str, *args):
+    """The body compiled on CUDA (``mode``: a ``torch.compile`` mode; ``reduce-overhead`` replays it as a CUDA
+    graph), eager elsewhere — and eager with variable-length runs (packed documents, several rows of dilated heads
+    on FlashAttention-2): compiled, the variable-length backward's dq came out wrong on PyTorch 2.11 (the same
     kernel called eagerly matches the reference, `tests/test_flash_attention.py`)."""
-    varlen = any(mode == "runs" for _, _, mode, _ in static[2]) and not isinstance(static[1], tuple)
+    varlen = any(mode_ == "runs" for _, _, mode_, _ in static[2]) and not isinstance(static[1], tuple)
     compiled = device.type == "cuda" and static[1] != "reference" and not varlen
-    return (_compiled(body) if compiled else body)(static, *args)
+    return (_compiled(body, mode) if compiled else body)(static, *args)
 
 
 class _SparseFlash(torch.autograd.Function):
     """The whole pattern of every head; (B, L, H, hd) in and out."""
 
     @staticmethod
-    def forward(ctx, q, k, v, static, tensors):
-        out, lse, states = _run(_forward_body, static, q.device, q, k, v, tensors)
-        ctx.static, ctx.tensors, ctx.states = static, tensors, states
+    def forward(ctx, q, k, v, static, tensors, mode):
+        out, lse, states = _run(_forward_body, static, q.device, mode, q, k, v, tensors)
+        ctx.static, ctx.tensors, ctx.states, ctx.mode = static, tensors, states, mode
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _run(_backward_body, ctx.static, q.device, dout, q, k, v, out, lse, ctx.states, ctx.tensors)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _run(_backward_body, ctx.static, q.device, ctx.mode, dout, q, k, v, out, lse, ctx.states,
+                          ctx.tensors)
+        return dq, dk, dv, None, None, None
 
 
-def flash_attention(q, k, v, plan: FlashPlan) -> torch.Tensor:
-    """Every head of a layer through the plan: (B, H, L, hd) in original token order in and out."""
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def flash_attention(q, k, v, plan: FlashPlan, compile_mode: str = "default") -> torch.Tensor:
+    """Every head of a layer through the plan: (B, H, L, hd) in original token order in and out.
+    ``compile_mode``: ``default``, or ``reduce-overhead`` to replay the compiled bodies as CUDA graphs (for short
+    sequences, where launching the kernels takes longer than running them)."""
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"flash attention compile mode {compile_mode!r}: choose from {', '.join(COMPILE_MODES)}")
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # FlashAttention's (B, L, H, hd): views
     static, tensors = _split_plan(plan)
-    return _SparseFlash.apply(qt, kt, vt, static, tensors).transpose(1, 2)
+    return _SparseFlash.apply(qt, kt, vt, static, tensors, compile_mode).transpose(1, 2)

@@ -82,7 +82,7 @@ class SparseSelfAttention(nn.Module):
         """The ``flash`` backend's plan (head groups, token runs, global tokens) for ``batch`` rows of ``length``."""
         if doc_ids is not None:
             batch = doc_ids.shape[0]
-        kernel = flash.resolve_kernel(self.flash_kernel, device)
+        kernel = flash.resolve_kernel(self.flash_kernel, device, length)
         return flash.plan_for(self.dilations, self.window, length, batch, torch.device(device), self.global_first,
                               self.global_every, doc_ids, kernel)
 
@@ -104,7 +104,7 @@ class SparseSelfAttention(nn.Module):
         L = q.shape[2]
         backend = resolve_backend(self.backend, q.device, self.head_dim)
         if backend == "flash":  # every head at once: the band through FlashAttention's sliding window
-            kernel = flash.resolve_kernel(self.flash_kernel, q.device)
+            kernel = flash.resolve_kernel(self.flash_kernel, q.device, L)
             if not flash.kernel_supports(q.device, q.dtype, self.head_dim, kernel):
                 need = ("the cuDNN frontend (pip install nvidia-cudnn-frontend), a head width up to 128"
                         if kernel == "cudnn" else "a head width that is a multiple of 8 up to 256")
@@ -115,7 +115,9 @@ class SparseSelfAttention(nn.Module):
                     f"banded")
             if not isinstance(plan, flash.FlashPlan):
                 plan = self.flash_plan(L, q.device, doc_ids, q.shape[0])
-            return flash.flash_attention(q, k, v, plan)
+            # model.flex_compile's CUDA-graph modes replay the flash bodies as CUDA graphs too
+            graphs = self.compile_mode in ("reduce-overhead", "max-autotune")
+            return flash.flash_attention(q, k, v, plan, "reduce-overhead" if graphs else "default")
         if backend == "flex":  # every head at once, each on its own token order
             if not isinstance(plan, FlexPlan):
                 plan = self.flex_plan(L, q.device, doc_ids)
