@@ -34,6 +34,8 @@ import functools
 import torch
 from torch import Tensor
 
+from sadiffuseq.attention import patterns
+
 try:  # NVIDIA's cuDNN frontend: optional, only the CUDA path needs it
     import cudnn as _cudnn
 except Exception:  # noqa: BLE001 - any import failure (missing package, missing libcudnn) means "not available"
@@ -50,12 +52,6 @@ def supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     multiple of 8 up to 128."""
     return (available() and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             and head_dim % 8 == 0 and head_dim <= 128)
-
-
-def groups_supported(groups: tuple[tuple[int, int, int], ...], batch: int, length: int) -> bool:
-    """Whether the operators take these head groups ((first head, count, dilation), ...): a dilated group needs one
-    row and a length its dilation divides (the strided class view)."""
-    return all(d == 1 or (batch == 1 and length % d == 0) for _, _, d in groups)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,6 +104,17 @@ def _handle(device_index: int):
         return _cudnn.create_handle()
 
 
+_handle_streams: dict[int, int] = {}  # device index -> the stream its (shared) handle was last given
+
+
+def _use_current_stream(handle, device: torch.device) -> None:
+    """Point the device's handle at the current stream (it launches on the stream it was last given)."""
+    stream = torch.cuda.current_stream(device).cuda_stream
+    if _handle_streams.get(device.index) != stream:
+        _cudnn.set_stream(handle=handle, stream=stream)
+        _handle_streams[device.index] = stream
+
+
 class _Graph:
     """One built cuDNN graph (band forward or backward) for fixed shapes, strides and bounds."""
 
@@ -150,17 +157,13 @@ class _Graph:
         self.graph = g
         self.slots = {**tensors, **outputs}
         self.workspace_size = g.get_workspace_size()
-        self.stream = None
 
     def run(self, data: dict) -> None:
         # The workspace and the length tensors are allocated per call, not kept: kept, a first call made while
         # torch.compile's CUDA-graph trees warm up would leave them in the graphs' memory pool, which must hold
         # nothing but the graphs' own tensors.
         device = data["q"].device
-        stream = torch.cuda.current_stream(device).cuda_stream
-        if stream != self.stream:  # the handle launches on the stream it was last given
-            _cudnn.set_stream(handle=self.handle, stream=stream)
-            self.stream = stream
+        _use_current_stream(self.handle, device)
         pack = {self.slots[n]: t for n, t in data.items()}
         for name, (B, n) in self.lengths.items():
             pack[self.slots[name]] = torch.full((B, 1, 1, 1), n, dtype=torch.int32, device=device)
@@ -200,18 +203,12 @@ def _call_backward(dout, q, k, v, out, lse, dq, dk, dv, left, right, scale) -> N
 def _group_view(x: Tensor, first: int, count: int, d: int) -> Tensor:
     """(B, L, H, hd) -> this group's (B, L, h, hd), or for d > 1 its residue classes (d, L/d, h, hd): views."""
     x = x.narrow(2, first, count)
-    if d == 1:
-        return x
-    L = x.shape[1]
-    return x[0].view(L // d, d, count, x.shape[-1]).transpose(0, 1)
+    return x if d == 1 else patterns.class_view(x, d)
 
 
 def _lse_to_group(lse: Tensor, d: int) -> Tensor:
-    """(B, h, L) -> the kernel's (B|d, h, S) (a view for d == 1)."""
-    if d == 1:
-        return lse
-    h, L = lse.shape[1:]
-    return lse[0].view(h, L // d, d).permute(2, 0, 1)
+    """(B, h, L) -> the kernel's (B|d, h, S) (a view)."""
+    return lse if d == 1 else patterns.class_lse(lse, d)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, groups: list[int]):

@@ -253,7 +253,7 @@ def _to_kernel(x: torch.Tensor, mode: str, d: int, order) -> torch.Tensor:
     if mode == "rows":
         return x
     if mode == "classes":
-        return x[0].view(L // d, d, h, D).transpose(0, 1)
+        return patterns.class_view(x, d)
     if order is not None:
         x = x.index_select(1, order)
     return x.reshape(B * L, h, D)
@@ -283,7 +283,7 @@ def _lse_to_kernel(lse: torch.Tensor, mode: str, d: int, order) -> torch.Tensor:
     if mode == "rows":
         return lse.contiguous()
     if mode == "classes":
-        return lse[0].view(h, L // d, d).permute(2, 0, 1).contiguous()
+        return patterns.class_lse(lse, d).contiguous()
     if order is not None:
         lse = lse.index_select(2, order)
     return lse.transpose(0, 1).reshape(h, B * L).contiguous()
@@ -374,6 +374,13 @@ def _over_sequence(weights, x):
     return (_chunks(weights.transpose(-1, -2).transpose(1, 2)).transpose(-1, -2) @ _chunks(x)).float().sum(2)
 
 
+def _global_slots(global_pos, L: int) -> torch.Tensor:
+    """(L,) each position's index among the G global tokens, G where it is not one."""
+    G = global_pos.shape[0]
+    return torch.full((L,), G, dtype=torch.long, device=global_pos.device).index_copy(
+        0, global_pos, torch.arange(G, device=global_pos.device))
+
+
 def _scatter_rows(rows, slot):
     """(B, H, G, hd) values of the global rows -> (B, L, H, hd), zero elsewhere, as a gather through ``slot``
     (L,) (the row's index among the globals, G elsewhere) that the compiler fuses into its consumer."""
@@ -425,10 +432,8 @@ def _forward_body(static, q, k, v, tensors):
     out, lse, states = _band_forward(static, q, k, v, group_tensors)
     if not has_globals:
         return out, lse, states
-    G = global_pos.shape[0]
-    slot = torch.full((L,), G, dtype=torch.long, device=q.device).index_copy(
-        0, global_pos, torch.arange(G, device=q.device))
-    is_global = slot < G
+    slot = _global_slots(global_pos, L)
+    is_global = slot < global_pos.shape[0]
     # the global keys, merged with the band by log-sum-exp
     k_g, v_g = k[:, global_pos], v[:, global_pos]
     s = _global_key_scores(q, k_g, skip, scale)  # (B, H, L, G)
@@ -452,9 +457,7 @@ def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
     dout = dout.contiguous()
     if not has_globals:
         return _band_backward(static, dout, q, k, v, out, lse, states, group_tensors)
-    G = global_pos.shape[0]
-    slot = torch.full((L,), G, dtype=torch.long, device=q.device).index_copy(
-        0, global_pos, torch.arange(G, device=q.device))
+    slot = _global_slots(global_pos, L)
     # The global rows' outputs came from their own softmax: with their log-sum-exp set to +inf, the band and the
     # global keys see probabilities exp(s − inf) = 0 there, so those rows send and receive no gradient through
     # them (no copy of dout with those rows zeroed).

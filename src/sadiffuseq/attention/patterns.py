@@ -261,3 +261,18 @@ def cached_head_layouts(length: int, first: int, every: int, dilations: tuple[in
                         device: torch.device) -> HeadLayouts:
     """:class:`HeadLayouts` for heads with the given dilations (one per head), cached per process."""
     return _cached_head_layouts(length, first, every, tuple(dilations), window, str(device))
+
+
+# the residue classes mod d of one row as a batch: how the flash backend hands dilated heads to a band kernel
+
+
+def class_view(x: torch.Tensor, d: int) -> torch.Tensor:
+    """One row (1, L, h, hd) -> its residue classes mod d as a batch (d, L/d, h, hd): a strided view."""
+    L, h, D = x.shape[1:]
+    return x[0].view(L // d, d, h, D).transpose(0, 1)
+
+
+def class_lse(lse: torch.Tensor, d: int) -> torch.Tensor:
+    """One row's log-sum-exp (1, h, L) -> (d, h, L/d), class-major like :func:`class_view`: a view."""
+    h, L = lse.shape[1:]
+    return lse[0].view(h, L // d, d).permute(2, 0, 1)
