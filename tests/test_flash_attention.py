@@ -174,3 +174,16 @@ def test_config_rejects_an_unknown_band_kernel():
 
     with pytest.raises(UserError, match="flash_kernel"):
         ModelConfig(flash_kernel="fa3").validate()
+
+
+@pytest.mark.parametrize("first", [16, 0])  # with global tokens (the merged backward) and the band alone
+def test_flash_gradients_come_back_in_the_layout_of_the_inputs(first):
+    """As SDPA's do: (B, H, L, hd) inputs get (B, H, L, hd)-contiguous gradients, not the kernels' (B, L, H, hd)
+    layout, which autograd would copy into the inputs' layout (a full transposing pass per tensor)."""
+    case = (1, 256, 4, 8, [1, 1, 4, 4], first, 0, False)
+    q, k, v = (torch.randn(1, 4, 256, 8).requires_grad_() for _ in range(3))
+    arrived = []
+    for t in (q, k, v):
+        t.register_hook(lambda g: arrived.append(g.is_contiguous()))
+    _layer(case, "flash").attend(q, k, v).sum().backward()
+    assert arrived == [True, True, True]

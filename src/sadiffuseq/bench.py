@@ -83,6 +83,35 @@ def queued_time_ms(fn, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
+def graphed(fn, warmup: int = 3):
+    """``fn`` (a forward + backward that allocates nothing the caller keeps) captured as one CUDA graph; returns
+    the graph's ``replay``. Warm-up runs on a side stream first (compilation, autotuning, cuDNN plans), as
+    ``torch.cuda.graph`` requires. A replay is one launch: no Python, no dispatcher, no per-kernel launch cost —
+    what a training loop that captures its whole step sees, and the GPU-bound cost of the call."""
+    if not torch.cuda.is_available():
+        raise UserError("--cuda-graph captures CUDA graphs: it needs a CUDA GPU")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as err:  # e.g. a device-to-host copy inside the call
+        raise UserError(f"--cuda-graph: the call cannot be captured as a CUDA graph ({err})") from err
+    return graph.replay
+
+
+def graph_time_ms(fn, reps: int = 10) -> float:
+    """Median milliseconds of one replay of ``fn`` captured as a CUDA graph (:func:`graphed`), synchronised after
+    every replay like :func:`cuda_time_ms`."""
+    replay = graphed(fn)
+    return cuda_time_ms(replay, warmup=2, reps=reps)
+
+
 def _compile_options(compile: str | bool) -> dict:
     """``torch.compile`` keyword arguments for a ``--compile [MODE]`` value (True / "default": none)."""
     return {"mode": compile} if isinstance(compile, str) and compile not in ("", "default") else {}
@@ -133,7 +162,8 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
                     dilated_heads: int = 8, dilation: int = 4, n_global: int = 16, batch: int = 1,
                     naive: bool = True, reps: int = 10, out_dir: str | Path = "bench_out",
                     schedules: tuple[str, ...] = GLOBAL_SCHEDULES, compile_mode: str = "auto",
-                    backends: tuple[str, ...] = ("flex",), flash_kernel: str = "auto") -> list[dict]:
+                    backends: tuple[str, ...] = ("flex",), flash_kernel: str = "auto",
+                    cuda_graph: bool = False) -> list[dict]:
     """Dense SDPA vs the sparse pattern (fwd+bwd, bf16) per length, on the sparse ``backends`` (``flex``:
     FlexAttention, the default, timed under each global-token schedule of ``schedules``; ``flash``: the band
     through FlashAttention-2's sliding window). The ``sparse_*`` columns are flex under the default global-token
@@ -141,7 +171,9 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
     (``flash`` when flex is not timed); ``flash_ms`` and ``<schedule>_ms`` columns are every timed variant.
     Times are synchronised after every call (latency, :func:`cuda_time_ms`); the ``*_queued_ms`` columns and
     ``queued_speedup`` queue the calls back to back (:func:`queued_time_ms`), which hides the host where the GPU
-    is the bottleneck. ``compile_mode``: ``model.flex_compile`` for FlexAttention."""
+    is the bottleneck. ``compile_mode``: ``model.flex_compile`` for FlexAttention. ``cuda_graph``: also time every
+    variant captured as one CUDA graph and replayed (``*_graph_ms``, ``graph_speedup``, ``graph_efficiency``;
+    :func:`graphed`): the GPU-bound cost, host dispatch removed for dense and sparse alike."""
     bad = [s for s in schedules if s not in GLOBAL_SCHEDULES]
     if bad:
         raise UserError(f"unknown global-token schedule(s) {bad}; choose from {', '.join(GLOBAL_SCHEDULES)}")
@@ -152,6 +184,9 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         schedules = ()
     cfg = pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global, backend="flex",
                          compile_mode=compile_mode)  # checks the mode
+    if cuda_graph and compile_mode == "reduce-overhead":
+        raise UserError("--cuda-graph captures each call itself; --flex-compile reduce-overhead would capture graphs "
+                        "inside it: use --flex-compile auto, default or max-autotune-no-cudagraphs with it")
     if not torch.cuda.is_available():
         raise UserError("bench attention measures GPU kernels (FlexAttention, fused SDPA): it needs a CUDA GPU")
     device = torch.device("cuda")
@@ -170,6 +205,7 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         dense_step = _fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v, grad)
         dense_ms = cuda_time_ms(dense_step, reps=reps)
         dense_queued_ms = queued_time_ms(dense_step, reps=reps)
+        graph_ms = {"dense": graph_time_ms(dense_step, reps)} if cuda_graph else {}
         # flash, then flex under each global-token schedule (attention/backends.py); the default is "sparse"
         default = resolve_schedule(cfg.flex_globals, L)
         if schedules and default not in schedules:  # only the schedules asked for are timed
@@ -181,11 +217,15 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
             step = _fwd_bwd(flash_layer.attend, q, k, v, grad)
             schedule_ms["flash"] = cuda_time_ms(step, reps=reps)
             schedule_queued_ms["flash"] = queued_time_ms(step, reps=reps)
+            if cuda_graph:
+                graph_ms["flash"] = graph_time_ms(step, reps)
         for schedule in dict.fromkeys(schedules):
             layer.global_schedule = schedule
             step = _fwd_bwd(layer.attend, q, k, v, grad)
             schedule_ms[schedule] = cuda_time_ms(step, reps=reps)
             schedule_queued_ms[schedule] = queued_time_ms(step, reps=reps)
+            if cuda_graph:
+                graph_ms[schedule] = graph_time_ms(step, reps)
         layer.global_schedule = cfg.flex_globals
         sparse_ms = schedule_ms[default]
         # the tiles of the whole pattern (band + global rows and columns), whatever the schedule
@@ -198,6 +238,13 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
                "compile": resolve_compile_mode(compile_mode, L), "dense_queued_ms": dense_queued_ms,
                "sparse_queued_ms": schedule_queued_ms[default],
                "queued_speedup": dense_queued_ms / schedule_queued_ms[default]}
+        if cuda_graph:
+            row.update(dense_graph_ms=graph_ms["dense"], sparse_graph_ms=graph_ms[default],
+                       graph_speedup=graph_ms["dense"] / graph_ms[default],
+                       graph_efficiency=density * graph_ms["dense"] / graph_ms[default])
+            for variant, ms in graph_ms.items():
+                if variant != "dense":
+                    row[f"{variant}_graph_ms"] = ms
         if flash_layer is not None:  # which band kernel the flash backend ran (model.flash_kernel, auto: cudnn if installed)
             row["flash_kernel"] = flash.resolve_kernel(flash_layer.flash_kernel, device, L)
         for schedule, ms in schedule_ms.items():
@@ -276,7 +323,7 @@ def moe_flops(tokens: int, d_model: int, hidden: int, top_k: int = 1) -> int:
 
 def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, experts: int = 8, top_k: int = 2,
               batch: int = 1, reps: int = 10, out_dir: str | Path = "bench_out", device: str | torch.device = "auto",
-              impl: str = "auto", warmup: int = 3, compile: str | bool = "") -> list[dict]:
+              impl: str = "auto", warmup: int = 3, compile: str | bool = "", cuda_graph: bool = False) -> list[dict]:
     """Forward+backward of one MoE feed-forward layer and of the dense FFN of the same active FLOPs, side by side.
 
     The dense FFN has width ``H = ffn_mult · d_model``; the MoE layer has ``experts`` experts of width
@@ -300,7 +347,9 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     ``compile``: both layers through ``torch.compile`` (a mode name, e.g. ``"reduce-overhead"`` for CUDA graphs, or
     ``"default"``/True; the MoE layer through :meth:`~sadiffuseq.moe.MoEFFN.compile_routed`: one graph that fuses
     the routing, gathers, GELU and gate-weighted combine around the grouped matmuls — the graph a compiled model's
-    blocks trace the layer into).
+    blocks trace the layer into). ``cuda_graph``: also time both layers' forward + backward captured as one CUDA
+    graph each and replayed (``dense_graph_ms``, ``moe_graph_ms``, ``graph_ratio``; :func:`graphed`; CUDA only, and
+    not with ``compile="reduce-overhead"``, which captures graphs of its own).
     """
     from sadiffuseq.model import DenseFFN
     from sadiffuseq.moe import MoEFFN, expert_hidden
@@ -312,6 +361,11 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
         raise UserError("bench moe: --d-model, --experts, --top-k, --batch, --reps and --ffn-mult must be positive")
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     on_cuda = dev.type == "cuda"
+    if cuda_graph and not on_cuda:
+        raise UserError("bench moe --cuda-graph captures CUDA graphs: it needs --device cuda")
+    if cuda_graph and isinstance(compile, str) and "reduce-overhead" in compile:
+        raise UserError("bench moe: --cuda-graph captures each call itself; --compile reduce-overhead would capture "
+                        "graphs inside it: use --compile default (or none) with it")
     cfg = ModelConfig(d_model=d_model, n_heads=1, ffn_mult=ffn_mult, ffn="moe", moe_experts=experts,
                       moe_top_k=top_k, moe_ffn_mult=0.0, moe_impl=impl, dropout=0.0)
     torch.manual_seed(0)
@@ -335,6 +389,11 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
             y.backward(grad.to(y.dtype))
             layer.zero_grad(set_to_none=True)
             x.grad = None
+            # The MoE layer keeps its auxiliary losses (with their autograd graph) until the next forward; released
+            # here, the router's gradient accumulators are made anew on the stream of each call, which a CUDA-graph
+            # capture needs (an accumulator made on the default stream would tie that stream to the capture).
+            if hasattr(layer, "last_aux"):
+                layer.last_aux = {}
 
         return step
 
@@ -347,6 +406,10 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
         dense_ms = cuda_time_ms(dense_step, warmup=warmup, reps=reps)
         moe_ms = cuda_time_ms(moe_step, warmup=warmup, reps=reps)
         dense_queued_ms, moe_queued_ms = queued_time_ms(dense_step, reps), queued_time_ms(moe_step, reps)
+        graphs = {}
+        if cuda_graph:
+            graphs = {"dense_graph_ms": graph_time_ms(dense_step, reps), "moe_graph_ms": graph_time_ms(moe_step, reps)}
+            graphs["graph_ratio"] = graphs["moe_graph_ms"] / graphs["dense_graph_ms"]
         tokens = batch * L
         dense_flops = moe_flops(tokens, d_model, dense_width)
         expert_flops = moe_flops(tokens, d_model, hidden, top_k)
@@ -358,7 +421,7 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
                      "queued_ratio": moe_queued_ms / dense_queued_ms,
                      "dense_flops": dense_flops, "moe_flops": expert_flops,
                      "dense_tflops": dense_flops / (dense_ms * 1e-3) / 1e12,
-                     "moe_tflops": expert_flops / (moe_ms * 1e-3) / 1e12})
+                     "moe_tflops": expert_flops / (moe_ms * 1e-3) / 1e12, **graphs})
         _write(rows, Path(out_dir), "moe")
         del x, grad
         if on_cuda:

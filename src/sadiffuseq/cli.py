@@ -183,6 +183,8 @@ def _bench_lengths(text: str | None, default: str) -> list[int]:
 def cmd_bench(args, extra, parser) -> None:
     from sadiffuseq import bench
 
+    if args.cuda_graph and args.what not in ("attention", "moe"):
+        parser.error(f"--cuda-graph times bench attention and bench moe, not bench {args.what}")
     if args.what == "sample":
         if not args.checkpoint:
             raise UserError("bench sample needs a checkpoint: sadiffuseq bench sample RUN_DIR --samplers ddpm:200,...")
@@ -203,7 +205,7 @@ def cmd_bench(args, extra, parser) -> None:
                                      tuple(s.strip() for s in args.schedules.split(",") if s.strip()),
                                      args.flex_compile,
                                      tuple(s.strip() for s in args.backends.split(",") if s.strip()),
-                                     args.flash_kernel)
+                                     args.flash_kernel, args.cuda_graph)
         print(bench.format_rows(rows))
         print(f"written {args.out}/attention.csv and {args.out}/attention.png")
     elif args.what == "moe":
@@ -211,7 +213,8 @@ def cmd_bench(args, extra, parser) -> None:
         if extra:
             parser.error(f"unrecognised arguments: {' '.join(extra)}")
         rows = bench.bench_moe(lengths, args.d_model, args.ffn_mult, args.experts, args.top_k, args.batch, args.reps,
-                               args.out, args.device, args.impl, compile=args.compile)
+                               args.out, args.device, args.impl, compile=args.compile,
+                               cuda_graph=args.cuda_graph)
         print(bench.format_rows(rows))
         print(f"written {args.out}/moe.csv")
     else:
@@ -388,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedules", default="inline,split",
                    help="attention: global-token schedules to time (default inline,split; the default "
                    "schedule, model.flex_globals resolved per length, is the sparse_ms column when listed, else the first one)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="attention, moe: also time every variant's forward+backward captured as one CUDA graph and "
+                   "replayed (*_graph_ms columns): the GPU-bound cost with host dispatch removed for dense and sparse "
+                   "alike, as a training step captured whole sees it")
     p.add_argument("--vocab", type=int, default=16000, help="model: vocabulary size (default 16000)")
     p.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
                    help="model: compile the blocks of both models (Denoiser.compile_blocks); moe: compile both layers; "

@@ -456,7 +456,8 @@ def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
     scale = D ** -0.5
     dout = dout.contiguous()
     if not has_globals:
-        return _band_backward(static, dout, q, k, v, out, lse, states, group_tensors)
+        dq, dk, dv = _band_backward(static, dout, q, k, v, out, lse, states, group_tensors)
+        return _like(q, dq), _like(k, dk), _like(v, dv)
     slot = _global_slots(global_pos, L)
     # The global rows' outputs came from their own softmax: with their log-sum-exp set to +inf, the band and the
     # global keys see probabilities exp(s − inf) = 0 there, so those rows send and receive no gradient through
@@ -482,7 +483,15 @@ def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
     dk = (dk + _over_globals(dsr.transpose(-1, -2), q_g) * scale
           + _scatter_rows(dk_g, slot))
     dv = dv + _over_globals(pr.transpose(-1, -2), do_g) + _scatter_rows(dv_g, slot)
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+    return _like(q, dq), _like(k, dk), _like(v, dv)
+
+
+def _like(x, grad):
+    """``grad`` in ``x``'s dtype and memory layout (SDPA's gradients have the layout of its inputs): written so by
+    the compiled body's last kernel, where a gradient of another layout would cost autograd a copy of its own."""
+    if grad.dtype == x.dtype and grad.stride() == x.stride():
+        return grad
+    return torch.empty_like(x).copy_(grad)
 
 
 @functools.cache
