@@ -7,6 +7,10 @@ backward that feeds the merged output and log-sum-exp to the band kernel. On a C
 with FlashAttention-2's kernels in bf16.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -147,10 +151,13 @@ def test_flash_backend_refuses_inputs_its_kernels_cannot_run():
 @pytest.mark.parametrize("kernel", ["fa2", "cudnn"])
 @pytest.mark.parametrize("case", CASES + [(1, 4500, 4, 256, [1, 1, 4, 4], 16, 0, True),
                                           (1, 4096, 4, 256, [1, 1, 4, 4], 16, 0, False)])
-def test_flash_kernels_match_dense_on_gpu(case, kernel):
-    """bf16 band kernels against the fp32 dense reference on the same (bf16-representable) inputs."""
+@pytest.mark.parametrize("triton_globals", [True, False])
+def test_flash_kernels_match_dense_on_gpu(case, kernel, triton_globals, monkeypatch):
+    """bf16 band kernels against the fp32 dense reference on the same (bf16-representable) inputs, the global
+    tokens through the Triton kernels (where they apply) and through the PyTorch code."""
     if kernel == "cudnn" and not cudnn_band.available():
         pytest.skip("the cuDNN frontend (nvidia-cudnn-frontend) is not installed")
+    monkeypatch.setattr(flash, "TRITON_GLOBALS", triton_globals)
     ref = _out_and_grads(case, "dense", "cuda", torch.float32, hd=64)
     got = _out_and_grads(case, "flash", "cuda", torch.bfloat16, hd=64, kernel=kernel)
     for name, a, b in zip("out dq dk dv".split(), ref, got):
@@ -187,3 +194,39 @@ def test_flash_gradients_come_back_in_the_layout_of_the_inputs(first):
         t.register_hook(lambda g: arrived.append(g.is_contiguous()))
     _layer(case, "flash").attend(q, k, v).sum().backward()
     assert arrived == [True, True, True]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] + c[6] > 0 and not c[7]]
+                         + [(1, 200, 2, 4, [1, 2], 40, 0, False)])  # 40 globals: padded to 64 in the kernels
+@pytest.mark.parametrize("kernel", ["reference", "cudnn"])
+def test_triton_global_kernels_match_dense(case, kernel, monkeypatch):
+    """The global tokens through the Triton kernels (forward merge, one-pass backward), run by Triton's
+    interpreter on the CPU in fp32, against the dense reference. (Started in a process of its own by the test
+    below: the interpreter has to be chosen before Triton is imported.)"""
+    pytest.importorskip("triton")
+    from sadiffuseq.attention import globals_triton
+
+    if not globals_triton.interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_triton_global_kernels_under_the_interpreter starts it)")
+    calls = []
+    for name in ("merge_global_keys", "global_backward"):
+        real = getattr(globals_triton, name)
+        monkeypatch.setattr(globals_triton, name,
+                            lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
+    ref = _out_and_grads(case, "dense", hd=16)
+    got = _out_and_grads(case, "flash", hd=16, kernel=kernel)
+    assert calls == ["merge_global_keys", "global_backward"]  # the kernels ran, not the PyTorch path
+    for name, a, b in zip("out dq dk dv".split(), ref, got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_triton_global_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    from sadiffuseq.attention import globals_triton
+
+    if globals_triton.interpreting():
+        pytest.skip("already under the interpreter")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_triton_global_kernels_match_dense"], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]

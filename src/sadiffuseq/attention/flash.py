@@ -170,6 +170,7 @@ class FlashPlan:
     skip: torch.Tensor | None  # (B|1, H, L, G) bool: the global key is in the query's band or another document
     doc_ids: torch.Tensor | None  # (B, L) for the global rows, or None
     device_type: str = "cpu"
+    head_dilations: torch.Tensor | None = None  # (H,) int32: each head's dilation (the Triton global kernels)
 
 
 def _runs(doc_ids: torch.Tensor | None, B: int, L: int, order: torch.Tensor | None, dilation: int) -> tuple:
@@ -224,7 +225,8 @@ def make_plan(dilations: tuple[int, ...], window: int, length: int, batch: int, 
         skip = in_band[None]
         if doc_ids is not None:
             skip = skip | (doc_ids[:, None, :, None] != doc_ids[:, None, global_pos][:, :, None, :])
-    return FlashPlan(tuple(groups), window, kernel, global_pos, skip, doc_ids, torch.device(device).type)
+    return FlashPlan(tuple(groups), window, kernel, global_pos, skip, doc_ids, torch.device(device).type,
+                     torch.tensor(dilations, dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -305,7 +307,7 @@ def _split_plan(plan: FlashPlan) -> tuple[tuple, tuple]:
         spec = _cudnn_spec(plan.groups)
         kernel = ("cudnn", spec) if spec is not None else ("fa2" if plan.device_type == "cuda" else "reference")
     return ((plan.window, kernel, static, plan.global_pos is not None, plan.doc_ids is not None),
-            (tensors, plan.global_pos, plan.skip, plan.doc_ids))
+            (tensors, plan.global_pos, plan.skip, plan.doc_ids, plan.head_dilations))
 
 
 def _cudnn_spec(groups: tuple[BandGroup, ...]) -> tuple[int, ...] | None:
@@ -424,13 +426,33 @@ def _band_backward(static, dout, q, k, v, out, lse, states, group_tensors):
     return tuple(_assemble(g, groups, dim=2) for g in grads)
 
 
+def _triton_globals(q, global_pos, doc_ids) -> bool:
+    """Whether the global tokens go through the Triton kernels (:mod:`sadiffuseq.attention.globals_triton`)."""
+    from sadiffuseq.attention import globals_triton
+
+    return TRITON_GLOBALS and globals_triton.supports(q, global_pos.shape[0], doc_ids is not None)
+
+
+TRITON_GLOBALS = True  # the global tokens through Triton where it runs them (tests switch it to compare)
+
+
 def _forward_body(static, q, k, v, tensors):
     has_globals = static[3]
-    group_tensors, global_pos, skip, doc_ids = tensors
+    group_tensors, global_pos, skip, doc_ids, dilations = tensors
     B, L, H, D = q.shape
     scale = D ** -0.5
     out, lse, states = _band_forward(static, q, k, v, group_tensors)
     if not has_globals:
+        return out, lse, states
+    if _triton_globals(q, global_pos, doc_ids):
+        from sadiffuseq.attention import globals_triton
+
+        out, lse = globals_triton.merge_global_keys(q, k, v, out, lse, global_pos.int(), dilations, static[0], scale)
+        r = _global_row_scores(q[:, global_pos], k, global_pos, None, scale)  # (B, H, G, L)
+        row_lse = r.logsumexp(-1)
+        rows = _over_sequence(torch.exp(r - row_lse[..., None]).to(v.dtype), v)  # (B, H, G, hd)
+        out[:, global_pos] = rows.transpose(1, 2).to(out.dtype)
+        lse[:, :, global_pos] = row_lse
         return out, lse, states
     slot = _global_slots(global_pos, L)
     is_global = slot < global_pos.shape[0]
@@ -451,7 +473,7 @@ def _forward_body(static, q, k, v, tensors):
 
 def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
     has_globals = static[3]
-    group_tensors, global_pos, skip, doc_ids = tensors
+    group_tensors, global_pos, skip, doc_ids, dilations = tensors
     B, L, H, D = q.shape
     scale = D ** -0.5
     dout = dout.contiguous()
@@ -464,6 +486,11 @@ def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
     # them (no copy of dout with those rows zeroed).
     lse_rest = lse.index_fill(2, global_pos, float("inf"))
     dq, dk, dv = _band_backward(static, dout, q, k, v, out, lse_rest, states, group_tensors)
+    if _triton_globals(q, global_pos, doc_ids):
+        from sadiffuseq.attention import globals_triton
+
+        return globals_triton.global_backward(dout, q, k, v, out, lse_rest, lse[:, :, global_pos], dq, dk, dv,
+                                              global_pos.int(), dilations, static[0], scale)
     # the global keys: dS = P ∘ (dP − rowsum(dO ∘ O)) with the merged probabilities
     k_g, v_g = k[:, global_pos], v[:, global_pos]
     p = torch.exp(_global_key_scores(q, k_g, skip, scale) - lse_rest[..., None])  # (B, H, L, G)

@@ -1,0 +1,201 @@
+"""The global tokens of the ``flash`` backend as two Triton kernels, one pass over the sequence each way.
+
+The band kernel (FlashAttention-2's or cuDNN's) leaves the global tokens to the code around it: the G global keys
+that every query also sees, and the G global rows that see every key (:mod:`sadiffuseq.attention.flash`). Written
+as PyTorch, that is a dozen skinny matmuls — (L × hd) by (hd × G), (G × L) by (L × hd), ... — each a full pass over
+a sequence-long tensor, plus the elementwise work between them: at 32k tokens about as much GPU time as the band
+itself. Here the same algebra runs in two kernels, each reading every sequence-long tensor once:
+
+* :func:`merge_global_keys` (forward): per block of queries, the scores against the G global keys, their
+  log-sum-exp merged with the band's (split-K algebra), and the merged output and log-sum-exp written.
+* :func:`global_backward` (backward): per block of positions, both roles at once — as queries of the global keys
+  (dS = P ∘ (dP − rowsum(dO ∘ O)); dq += dS·K_g) and as keys of the global rows (dk += dS_rᵀ·Q_g, dv += P_rᵀ·dO_g) —
+  added to the band's gradients and written in the layout of q, k and v; the gradients of the global tokens
+  themselves (dK_g, dV_g, dQ_g: reductions over the whole sequence) as one partial sum per block, added up after.
+
+The global rows' forward (a G × L softmax) stays in PyTorch: it reads k and v once. Packed documents are not
+handled here (the PyTorch path masks the other documents); :func:`supports` says when these kernels apply.
+Needs Triton (shipped with PyTorch's CUDA wheels); the tests also run the kernels through Triton's CPU interpreter
+where Triton is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only PyTorch wheels come without Triton
+    triton = None
+
+BLOCK = 64  # positions per program
+
+
+def supports(q: torch.Tensor, n_global: int, packed: bool) -> bool:
+    """Whether the kernels run these inputs: Triton on a CUDA device, fp16/bf16, head width 16–128 a power of
+    two, at most 64 global tokens, no packed documents (or CPU tensors under Triton's interpreter)."""
+    hd = q.shape[-1]
+    if triton is None or packed or hd not in (16, 32, 64, 128) or not 0 < n_global <= 64:
+        return False
+    if interpreting():  # Triton's CPU interpreter (tests): CPU tensors, fp32 too
+        return not q.is_cuda
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1`` when it was imported)."""
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def _padded(n_global: int) -> int:
+    return max(16, triton.next_power_of_2(n_global))  # tl.dot wants every dimension >= 16
+
+
+if triton is not None:
+
+    @triton.jit
+    def _in_band(pos, gpos, dil, window):
+        """(M, G): the global key at ``gpos`` lies inside the band of the query at ``pos`` (counted there)."""
+        off = pos[:, None] - gpos[None, :]
+        return (off % dil == 0) & (tl.abs(off) <= window * dil)
+
+    @triton.jit
+    def _merge_kernel(Q, K, V, O, LSE, OUT, LSE_OUT, GPOS, DIL,
+                      sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
+                      L, H, G, window, scale,
+                      BM: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+        pid, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        m = pid * BM + tl.arange(0, BM)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        rows, gs = m < L, g < G
+        gpos = tl.load(GPOS + g, mask=gs, other=0)
+        q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sql + d[None, :], mask=rows[:, None], other=0.0)
+        kg = tl.load(K + b * skb + h * skh + gpos[:, None] * skl + d[None, :], mask=gs[:, None], other=0.0)
+        vg = tl.load(V + b * svb + h * svh + gpos[:, None] * svl + d[None, :], mask=gs[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kg)) * scale  # (BM, GP) fp32
+        keep = gs[None, :] & ~_in_band(m, gpos, tl.load(DIL + h), window)
+        s = tl.where(keep, s, float("-inf"))
+        # (B, H, L) fp32 log-sum-exp and (B, L, H, D) contiguous outputs
+        lse_at = (b * H + h) * L + m
+        lse_band = tl.load(LSE + lse_at, mask=rows, other=0.0)
+        top = tl.maximum(lse_band, tl.max(s, 1))
+        total = tl.exp(lse_band - top) + tl.sum(tl.exp(s - top[:, None]), 1)
+        merged = top + tl.log(total)
+        o_at = ((b * L + m[:, None]) * H + h) * D + d[None, :]
+        o = tl.load(O + o_at, mask=rows[:, None], other=0.0).to(tl.float32)
+        p = tl.exp(s - merged[:, None]).to(vg.dtype)
+        out = o * tl.exp(lse_band - merged)[:, None] + tl.dot(p, vg)
+        tl.store(OUT + o_at, out.to(OUT.dtype.element_ty), mask=rows[:, None])
+        tl.store(LSE_OUT + lse_at, merged, mask=rows)
+
+    @triton.jit
+    def _backward_kernel(Q, K, V, O, DO, LSE, DQB, DKB, DVB, DQ, DK, DV,
+                         QG, DOG, LSEG, DELTAG, GPOS, DIL, PART,
+                         sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
+                         L, H, G, window, scale, n_blocks,
+                         BM: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+        pid, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        m = pid * BM + tl.arange(0, BM)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        rows, gs = m < L, g < G
+        gpos = tl.load(GPOS + g, mask=gs, other=0)
+        q_at = b * sqb + h * sqh + m[:, None] * sql + d[None, :]
+        k_at = b * skb + h * skh + m[:, None] * skl + d[None, :]
+        v_at = b * svb + h * svh + m[:, None] * svl + d[None, :]
+        c_at = ((b * L + m[:, None]) * H + h) * D + d[None, :]  # the contiguous (B, L, H, D) tensors
+        q = tl.load(Q + q_at, mask=rows[:, None], other=0.0)
+        do = tl.load(DO + c_at, mask=rows[:, None], other=0.0)
+        kg = tl.load(K + b * skb + h * skh + gpos[:, None] * skl + d[None, :], mask=gs[:, None], other=0.0)
+        vg = tl.load(V + b * svb + h * svh + gpos[:, None] * svl + d[None, :], mask=gs[:, None], other=0.0)
+        # the positions as queries of the global keys; a global row's lse is +inf, so its P is 0 here
+        s = tl.dot(q, tl.trans(kg)) * scale
+        keep = gs[None, :] & ~_in_band(m, gpos, tl.load(DIL + h), window)
+        lse = tl.load(LSE + (b * H + h) * L + m, mask=rows, other=float("inf"))
+        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)  # (BM, GP)
+        o = tl.load(O + c_at, mask=rows[:, None], other=0.0).to(tl.float32)
+        delta = tl.sum(do.to(tl.float32) * o, 1)
+        ds = p * (tl.dot(do, tl.trans(vg)) - delta[:, None])
+        ds_lo, p_lo = ds.to(q.dtype), p.to(q.dtype)
+        dq = tl.load(DQB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(ds_lo, kg) * scale
+        tl.store(DQ + q_at, dq.to(DQ.dtype.element_ty), mask=rows[:, None])
+        # the positions as keys of the global rows
+        k = tl.load(K + k_at, mask=rows[:, None], other=0.0)
+        v = tl.load(V + v_at, mask=rows[:, None], other=0.0)
+        gq_at = (bh * GP + g[:, None]) * D + d[None, :]  # (B, H, GP, D) contiguous
+        qg = tl.load(QG + gq_at)
+        dog = tl.load(DOG + gq_at)
+        lseg = tl.load(LSEG + bh * GP + g)  # +inf on the padding: P_r = 0 there
+        deltag = tl.load(DELTAG + bh * GP + g)
+        sr = tl.dot(qg, tl.trans(k)) * scale  # (GP, BM)
+        pr = tl.where(rows[None, :], tl.exp(sr - lseg[:, None]), 0.0)
+        dsr = pr * (tl.dot(dog, tl.trans(v)) - deltag[:, None])
+        dsr_lo, pr_lo = dsr.to(q.dtype), pr.to(q.dtype)
+        dk = tl.load(DKB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(tl.trans(dsr_lo), qg) * scale
+        dv = tl.load(DVB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(tl.trans(pr_lo), dog)
+        tl.store(DK + k_at, dk.to(DK.dtype.element_ty), mask=rows[:, None])
+        tl.store(DV + v_at, dv.to(DV.dtype.element_ty), mask=rows[:, None])
+        # this block's share of the global tokens' own gradients: dK_g, dV_g, dQ_g, (GP, D) each
+        part = PART + ((bh * n_blocks + pid) * 3 * GP + g[:, None]) * D + d[None, :]
+        tl.store(part, tl.dot(tl.trans(ds_lo), q) * scale)
+        tl.store(part + GP * D, tl.dot(tl.trans(p_lo), do))
+        tl.store(part + 2 * GP * D, tl.dot(dsr_lo, k) * scale)
+
+
+def _strides(*xs):
+    out = []
+    for x in xs:
+        assert x.stride(-1) == 1, "the head dimension must be contiguous"
+        out += [x.stride(0), x.stride(1), x.stride(2)]
+    return out
+
+
+def merge_global_keys(q, k, v, out, lse, global_pos, dilations, window: int, scale: float):
+    """The band's ``out`` (B, L, H, hd) and ``lse`` (B, H, L) fp32 merged with the global keys: new (out, lse).
+    ``dilations``: (H,) int32 on the device; ``global_pos``: (G,) int32."""
+    B, L, H, D = q.shape
+    G, GP = global_pos.shape[0], _padded(global_pos.shape[0])
+    out, lse = out.contiguous(), lse.contiguous()
+    new_out, new_lse = torch.empty_like(out), torch.empty_like(lse)
+    grid = (triton.cdiv(L, BLOCK), B * H)
+    _merge_kernel[grid](q, k, v, out, lse, new_out, new_lse, global_pos, dilations, *_strides(q, k, v),
+                        L, H, G, window, scale, BM=BLOCK, GP=GP, D=D, num_warps=4)
+    return new_out, new_lse
+
+
+def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_band, global_pos, dilations,
+                    window: int, scale: float):
+    """The band's gradients plus every global-token term, in the layouts of q, k, v.
+
+    ``lse_rest``: the final log-sum-exp (B, H, L) with +inf on the global rows; ``row_lse`` (B, H, G): the global
+    rows' own. ``dout`` and ``out``: (B, L, H, hd); the band's gradients (B, L, H, hd) contiguous."""
+    B, L, H, D = q.shape
+    G, GP = global_pos.shape[0], _padded(global_pos.shape[0])
+    dout, out = dout.contiguous(), out.contiguous()
+    dq_band, dk_band, dv_band = dq_band.contiguous(), dk_band.contiguous(), dv_band.contiguous()
+    gl = global_pos.long()
+    q_g, do_g = q[:, gl].float(), dout[:, gl].float()  # (B, G, H, hd)
+    delta_g = (do_g * out[:, gl].float()).sum(-1).transpose(1, 2)  # (B, H, G)
+    pad = GP - G
+
+    def heads_first(x):  # (B, G, H, hd) -> (B, H, GP, hd) contiguous, zero padding
+        return torch.nn.functional.pad(x.transpose(1, 2), (0, 0, 0, pad)).to(q.dtype).contiguous()
+
+    lse_g = torch.nn.functional.pad(row_lse.float(), (0, pad), value=float("inf")).contiguous()
+    delta_g = torch.nn.functional.pad(delta_g, (0, pad)).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    n_blocks = triton.cdiv(L, BLOCK)
+    part = torch.empty((B * H, n_blocks, 3, GP, D), dtype=torch.float32, device=q.device)
+    _backward_kernel[(n_blocks, B * H)](
+        q, k, v, out, dout, lse_rest.contiguous(), dq_band, dk_band, dv_band, dq, dk, dv,
+        heads_first(q_g), heads_first(do_g), lse_g, delta_g, global_pos, dilations, part,
+        *_strides(q, k, v), L, H, G, window, scale, n_blocks, BM=BLOCK, GP=GP, D=D, num_warps=4)
+    sums = part.sum(1)[:, :, :G].view(B, H, 3, G, D).permute(2, 0, 3, 1, 4)  # (3, B, G, H, D)
+    dk.index_add_(1, gl, sums[0].to(dk.dtype))
+    dv.index_add_(1, gl, sums[1].to(dv.dtype))
+    dq.index_add_(1, gl, sums[2].to(dq.dtype))
+    return dq, dk, dv
