@@ -220,6 +220,26 @@ def test_triton_global_kernels_match_dense(case, kernel, monkeypatch):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_triton_global_kernels_take_views_of_a_fused_projection():
+    """q, k, v as the model makes them — strided views of one (B, L, 3, H, hd) projection, not dense — so the
+    gradients are written in a layout of their own (under Triton's interpreter; started by the test below)."""
+    pytest.importorskip("triton")
+    from sadiffuseq.attention import globals_triton
+
+    if not globals_triton.interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_triton_global_kernels_under_the_interpreter starts it)")
+    case = (1, 300, 4, 5, [4, 1, 2, 1], 3, 50, False)
+    results = []
+    for backend in ("dense", "flash"):
+        qkv = torch.randn(1, 300, 3, 4, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = _layer(case, backend, hd=16).attend(q, k, v)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), qkv.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
+
+
 def test_triton_global_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     from sadiffuseq.attention import globals_triton
@@ -227,6 +247,6 @@ def test_triton_global_kernels_under_the_interpreter():
     if globals_triton.interpreting():
         pytest.skip("already under the interpreter")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "test_triton_global_kernels_match_dense"], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          "test_triton_global_kernels_match_dense or fused_projection"], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True)
     assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]

@@ -43,9 +43,14 @@ def supports(q: torch.Tensor, n_global: int, packed: bool) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
+# Read once: Triton settles interpretation when it is imported, and reading its setting inside a compiled body
+# would break the graph there (Dynamo cannot trace Triton's environment lookup).
+_INTERPRETING = triton is not None and bool(triton.knobs.runtime.interpret)
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1`` when it was imported)."""
-    return triton is not None and bool(triton.knobs.runtime.interpret)
+    return _INTERPRETING
 
 
 def _padded(n_global: int) -> int:
@@ -95,6 +100,7 @@ if triton is not None:
     def _backward_kernel(Q, K, V, O, DO, LSE, DQB, DKB, DVB, DQ, DK, DV,
                          QG, DOG, LSEG, DELTAG, GPOS, DIL, PART,
                          sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
+                         sdqb, sdql, sdqh, sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
                          L, H, G, window, scale, n_blocks,
                          BM: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
         pid, bh = tl.program_id(0), tl.program_id(1)
@@ -122,7 +128,8 @@ if triton is not None:
         ds = p * (tl.dot(do, tl.trans(vg)) - delta[:, None])
         ds_lo, p_lo = ds.to(q.dtype), p.to(q.dtype)
         dq = tl.load(DQB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(ds_lo, kg) * scale
-        tl.store(DQ + q_at, dq.to(DQ.dtype.element_ty), mask=rows[:, None])
+        tl.store(DQ + b * sdqb + h * sdqh + m[:, None] * sdql + d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=rows[:, None])
         # the positions as keys of the global rows
         k = tl.load(K + k_at, mask=rows[:, None], other=0.0)
         v = tl.load(V + v_at, mask=rows[:, None], other=0.0)
@@ -137,8 +144,10 @@ if triton is not None:
         dsr_lo, pr_lo = dsr.to(q.dtype), pr.to(q.dtype)
         dk = tl.load(DKB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(tl.trans(dsr_lo), qg) * scale
         dv = tl.load(DVB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(tl.trans(pr_lo), dog)
-        tl.store(DK + k_at, dk.to(DK.dtype.element_ty), mask=rows[:, None])
-        tl.store(DV + v_at, dv.to(DV.dtype.element_ty), mask=rows[:, None])
+        tl.store(DK + b * sdkb + h * sdkh + m[:, None] * sdkl + d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=rows[:, None])
+        tl.store(DV + b * sdvb + h * sdvh + m[:, None] * sdvl + d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=rows[:, None])
         # this block's share of the global tokens' own gradients: dK_g, dV_g, dQ_g, (GP, D) each
         part = PART + ((bh * n_blocks + pid) * 3 * GP + g[:, None]) * D + d[None, :]
         tl.store(part, tl.dot(tl.trans(ds_lo), q) * scale)
@@ -187,13 +196,14 @@ def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_
 
     lse_g = torch.nn.functional.pad(row_lse.float(), (0, pad), value=float("inf")).contiguous()
     delta_g = torch.nn.functional.pad(delta_g, (0, pad)).contiguous()
+    # in the layouts of q, k and v where those are dense (as SDPA gives its gradients), else contiguous
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     n_blocks = triton.cdiv(L, BLOCK)
     part = torch.empty((B * H, n_blocks, 3, GP, D), dtype=torch.float32, device=q.device)
     _backward_kernel[(n_blocks, B * H)](
         q, k, v, out, dout, lse_rest.contiguous(), dq_band, dk_band, dv_band, dq, dk, dv,
         heads_first(q_g), heads_first(do_g), lse_g, delta_g, global_pos, dilations, part,
-        *_strides(q, k, v), L, H, G, window, scale, n_blocks, BM=BLOCK, GP=GP, D=D, num_warps=4)
+        *_strides(q, k, v, dq, dk, dv), L, H, G, window, scale, n_blocks, BM=BLOCK, GP=GP, D=D, num_warps=4)
     sums = part.sum(1)[:, :, :G].view(B, H, 3, G, D).permute(2, 0, 3, 1, 4)  # (3, B, G, H, D)
     dk.index_add_(1, gl, sums[0].to(dk.dtype))
     dv.index_add_(1, gl, sums[1].to(dv.dtype))
