@@ -451,8 +451,8 @@ def _forward_body(static, q, k, v, tensors):
         r = _global_row_scores(q[:, global_pos], k, global_pos, None, scale)  # (B, H, G, L)
         row_lse = r.logsumexp(-1)
         rows = _over_sequence(torch.exp(r - row_lse[..., None]).to(v.dtype), v)  # (B, H, G, hd)
-        out[:, global_pos] = rows.transpose(1, 2).to(out.dtype)
-        lse[:, :, global_pos] = row_lse
+        globals_triton.write_rows(out, rows, global_pos.int())
+        lse = lse.index_copy(2, global_pos, row_lse)
         return out, lse, states
     slot = _global_slots(global_pos, L)
     is_global = slot < global_pos.shape[0]

@@ -155,6 +155,30 @@ if triton is not None:
         tl.store(part + 2 * GP * D, tl.dot(dsr_lo, k) * scale)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rows_kernel(X, ROWS, GPOS, sxb, sxl, sxh, H, G, ADD: tl.constexpr, D: tl.constexpr):
+        """x[b, gpos[g], h, :] (+)= rows[b, h, g, :] for one (g, b·h), in place: a handful of rows, where an
+        indexed write under ``torch.compile`` would copy the whole of x first."""
+        g, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        d = tl.arange(0, D)
+        at = X + b * sxb + tl.load(GPOS + g) * sxl + h * sxh + d
+        row = tl.load(ROWS + (bh * G + g) * D + d)
+        if ADD:
+            row += tl.load(at).to(tl.float32)
+        tl.store(at, row.to(X.dtype.element_ty))
+
+
+def write_rows(x, rows, global_pos, add: bool = False) -> None:
+    """In place: x (B, L, H, hd) at the global positions gets (add=False) or adds (add=True) rows (B, H, G, hd)."""
+    B, L, H, D = x.shape
+    G = global_pos.shape[0]
+    _rows_kernel[(G, B * H)](x, rows.float().contiguous(), global_pos, *_strides(x), H, G, ADD=add, D=D,
+                             num_warps=1)
+
+
 def _strides(*xs):
     out = []
     for x in xs:
@@ -204,8 +228,7 @@ def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_
         q, k, v, out, dout, lse_rest.contiguous(), dq_band, dk_band, dv_band, dq, dk, dv,
         heads_first(q_g), heads_first(do_g), lse_g, delta_g, global_pos, dilations, part,
         *_strides(q, k, v, dq, dk, dv), L, H, G, window, scale, n_blocks, BM=BLOCK, GP=GP, D=D, num_warps=4)
-    sums = part.sum(1)[:, :, :G].view(B, H, 3, G, D).permute(2, 0, 3, 1, 4)  # (3, B, G, H, D)
-    dk.index_add_(1, gl, sums[0].to(dk.dtype))
-    dv.index_add_(1, gl, sums[1].to(dv.dtype))
-    dq.index_add_(1, gl, sums[2].to(dq.dtype))
+    sums = part.sum(1)[:, :, :G].transpose(0, 1)  # (3, B·H, G, D): dK_g, dV_g, dQ_g
+    for grad, rows in zip((dk, dv, dq), sums):
+        write_rows(grad, rows, global_pos, add=True)
     return dq, dk, dv
