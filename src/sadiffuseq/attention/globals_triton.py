@@ -29,7 +29,8 @@ try:
 except ImportError:  # CPU-only PyTorch wheels come without Triton
     triton = None
 
-BLOCK = 64  # positions per program
+BLOCK = 64  # positions per block (a program of the forward)
+SPAN = 4  # blocks per program of the backward, which sums the global tokens' own gradients over them
 
 
 def supports(q: torch.Tensor, n_global: int, packed: bool) -> bool:
@@ -101,58 +102,64 @@ if triton is not None:
                          QG, DOG, LSEG, DELTAG, GPOS, DIL, PART,
                          sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
                          sdqb, sdql, sdqh, sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
-                         L, H, G, window, scale, n_blocks,
-                         BM: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+                         L, H, G, window, scale, n_programs,
+                         BM: tl.constexpr, SPAN: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
         pid, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
-        m = pid * BM + tl.arange(0, BM)
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
-        rows, gs = m < L, g < G
+        gs = g < G
         gpos = tl.load(GPOS + g, mask=gs, other=0)
-        q_at = b * sqb + h * sqh + m[:, None] * sql + d[None, :]
-        k_at = b * skb + h * skh + m[:, None] * skl + d[None, :]
-        v_at = b * svb + h * svh + m[:, None] * svl + d[None, :]
-        c_at = ((b * L + m[:, None]) * H + h) * D + d[None, :]  # the contiguous (B, L, H, D) tensors
-        q = tl.load(Q + q_at, mask=rows[:, None], other=0.0)
-        do = tl.load(DO + c_at, mask=rows[:, None], other=0.0)
+        dil = tl.load(DIL + h)
         kg = tl.load(K + b * skb + h * skh + gpos[:, None] * skl + d[None, :], mask=gs[:, None], other=0.0)
         vg = tl.load(V + b * svb + h * svh + gpos[:, None] * svl + d[None, :], mask=gs[:, None], other=0.0)
-        # the positions as queries of the global keys; a global row's lse is +inf, so its P is 0 here
-        s = tl.dot(q, tl.trans(kg)) * scale
-        keep = gs[None, :] & ~_in_band(m, gpos, tl.load(DIL + h), window)
-        lse = tl.load(LSE + (b * H + h) * L + m, mask=rows, other=float("inf"))
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)  # (BM, GP)
-        o = tl.load(O + c_at, mask=rows[:, None], other=0.0).to(tl.float32)
-        delta = tl.sum(do.to(tl.float32) * o, 1)
-        ds = p * (tl.dot(do, tl.trans(vg)) - delta[:, None])
-        ds_lo, p_lo = ds.to(q.dtype), p.to(q.dtype)
-        dq = tl.load(DQB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(ds_lo, kg) * scale
-        tl.store(DQ + b * sdqb + h * sdqh + m[:, None] * sdql + d[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=rows[:, None])
-        # the positions as keys of the global rows
-        k = tl.load(K + k_at, mask=rows[:, None], other=0.0)
-        v = tl.load(V + v_at, mask=rows[:, None], other=0.0)
         gq_at = (bh * GP + g[:, None]) * D + d[None, :]  # (B, H, GP, D) contiguous
         qg = tl.load(QG + gq_at)
         dog = tl.load(DOG + gq_at)
         lseg = tl.load(LSEG + bh * GP + g)  # +inf on the padding: P_r = 0 there
         deltag = tl.load(DELTAG + bh * GP + g)
-        sr = tl.dot(qg, tl.trans(k)) * scale  # (GP, BM)
-        pr = tl.where(rows[None, :], tl.exp(sr - lseg[:, None]), 0.0)
-        dsr = pr * (tl.dot(dog, tl.trans(v)) - deltag[:, None])
-        dsr_lo, pr_lo = dsr.to(q.dtype), pr.to(q.dtype)
-        dk = tl.load(DKB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(tl.trans(dsr_lo), qg) * scale
-        dv = tl.load(DVB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(tl.trans(pr_lo), dog)
-        tl.store(DK + b * sdkb + h * sdkh + m[:, None] * sdkl + d[None, :], dk.to(DK.dtype.element_ty),
-                 mask=rows[:, None])
-        tl.store(DV + b * sdvb + h * sdvh + m[:, None] * sdvl + d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=rows[:, None])
-        # this block's share of the global tokens' own gradients: dK_g, dV_g, dQ_g, (GP, D) each
-        part = PART + ((bh * n_blocks + pid) * 3 * GP + g[:, None]) * D + d[None, :]
-        tl.store(part, tl.dot(tl.trans(ds_lo), q) * scale)
-        tl.store(part + GP * D, tl.dot(tl.trans(p_lo), do))
-        tl.store(part + 2 * GP * D, tl.dot(dsr_lo, k) * scale)
+        dkg = tl.zeros((GP, D), dtype=tl.float32)  # this program's share of dK_g, dV_g, dQ_g
+        dvg = tl.zeros((GP, D), dtype=tl.float32)
+        dqg = tl.zeros((GP, D), dtype=tl.float32)
+        for i in range(SPAN):  # SPAN blocks of BM positions per program: the loads above and the partials amortised
+            m = (pid * SPAN + i) * BM + tl.arange(0, BM)
+            rows = m < L
+            c_at = ((b * L + m[:, None]) * H + h) * D + d[None, :]  # the contiguous (B, L, H, D) tensors
+            q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sql + d[None, :], mask=rows[:, None], other=0.0)
+            do = tl.load(DO + c_at, mask=rows[:, None], other=0.0)
+            # the positions as queries of the global keys; a global row's lse is +inf, so its P is 0 here
+            s = tl.dot(q, tl.trans(kg)) * scale
+            keep = gs[None, :] & ~_in_band(m, gpos, dil, window)
+            lse = tl.load(LSE + (b * H + h) * L + m, mask=rows, other=float("inf"))
+            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)  # (BM, GP)
+            o = tl.load(O + c_at, mask=rows[:, None], other=0.0).to(tl.float32)
+            delta = tl.sum(do.to(tl.float32) * o, 1)
+            ds = p * (tl.dot(do, tl.trans(vg)) - delta[:, None])
+            ds_lo, p_lo = ds.to(q.dtype), p.to(q.dtype)
+            dq = tl.load(DQB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(ds_lo, kg) * scale
+            tl.store(DQ + b * sdqb + h * sdqh + m[:, None] * sdql + d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=rows[:, None])
+            dkg += tl.dot(tl.trans(ds_lo), q)
+            dvg += tl.dot(tl.trans(p_lo), do)
+            # the positions as keys of the global rows
+            k = tl.load(K + b * skb + h * skh + m[:, None] * skl + d[None, :], mask=rows[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + m[:, None] * svl + d[None, :], mask=rows[:, None], other=0.0)
+            sr = tl.dot(qg, tl.trans(k)) * scale  # (GP, BM)
+            pr = tl.where(rows[None, :], tl.exp(sr - lseg[:, None]), 0.0)
+            dsr = pr * (tl.dot(dog, tl.trans(v)) - deltag[:, None])
+            dsr_lo, pr_lo = dsr.to(q.dtype), pr.to(q.dtype)
+            dk = (tl.load(DKB + c_at, mask=rows[:, None], other=0.0).to(tl.float32)
+                  + tl.dot(tl.trans(dsr_lo), qg) * scale)
+            dv = tl.load(DVB + c_at, mask=rows[:, None], other=0.0).to(tl.float32) + tl.dot(tl.trans(pr_lo), dog)
+            tl.store(DK + b * sdkb + h * sdkh + m[:, None] * sdkl + d[None, :], dk.to(DK.dtype.element_ty),
+                     mask=rows[:, None])
+            tl.store(DV + b * sdvb + h * sdvh + m[:, None] * sdvl + d[None, :], dv.to(DV.dtype.element_ty),
+                     mask=rows[:, None])
+            dqg += tl.dot(dsr_lo, k)
+        part = PART + ((bh * n_programs + pid) * 3 * GP + g[:, None]) * D + d[None, :]
+        tl.store(part, dkg * scale)
+        tl.store(part + GP * D, dvg)
+        tl.store(part + 2 * GP * D, dqg * scale)
 
 
 if triton is not None:
@@ -222,12 +229,13 @@ def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_
     delta_g = torch.nn.functional.pad(delta_g, (0, pad)).contiguous()
     # in the layouts of q, k and v where those are dense (as SDPA gives its gradients), else contiguous
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    n_blocks = triton.cdiv(L, BLOCK)
-    part = torch.empty((B * H, n_blocks, 3, GP, D), dtype=torch.float32, device=q.device)
-    _backward_kernel[(n_blocks, B * H)](
+    n_programs = triton.cdiv(L, BLOCK * SPAN)
+    part = torch.empty((B * H, n_programs, 3, GP, D), dtype=torch.float32, device=q.device)
+    _backward_kernel[(n_programs, B * H)](
         q, k, v, out, dout, lse_rest.contiguous(), dq_band, dk_band, dv_band, dq, dk, dv,
         heads_first(q_g), heads_first(do_g), lse_g, delta_g, global_pos, dilations, part,
-        *_strides(q, k, v, dq, dk, dv), L, H, G, window, scale, n_blocks, BM=BLOCK, GP=GP, D=D, num_warps=4)
+        *_strides(q, k, v, dq, dk, dv), L, H, G, window, scale, n_programs, BM=BLOCK, SPAN=SPAN, GP=GP, D=D,
+        num_warps=4)
     sums = part.sum(1)[:, :, :G].transpose(0, 1)  # (3, B·H, G, D): dK_g, dV_g, dQ_g
     for grad, rows in zip((dk, dv, dq), sums):
         write_rows(grad, rows, global_pos, add=True)
