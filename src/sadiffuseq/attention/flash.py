@@ -447,11 +447,10 @@ def _forward_body(static, q, k, v, tensors):
     if _triton_globals(q, global_pos, doc_ids):
         from sadiffuseq.attention import globals_triton
 
-        out, lse = globals_triton.merge_global_keys(q, k, v, out, lse, global_pos.int(), dilations, static[0], scale)
-        r = _global_row_scores(q[:, global_pos], k, global_pos, None, scale)  # (B, H, G, L)
-        row_lse = r.logsumexp(-1)
-        rows = _over_sequence(torch.exp(r - row_lse[..., None]).to(v.dtype), v)  # (B, H, G, hd)
-        globals_triton.write_rows(out, rows, global_pos.int())
+        gpos = global_pos.int()
+        out, lse = globals_triton.merge_global_keys(q, k, v, out, lse, gpos, dilations, static[0], scale)
+        rows, row_lse = globals_triton.global_rows(q, k, v, gpos, scale)  # (B, H, G, hd), (B, H, G)
+        globals_triton.write_rows(out, rows, gpos)
         lse = lse.index_copy(2, global_pos, row_lse)
         return out, lse, states
     slot = _global_slots(global_pos, L)

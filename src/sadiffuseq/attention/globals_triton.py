@@ -4,17 +4,20 @@ The band kernel (FlashAttention-2's or cuDNN's) leaves the global tokens to the 
 that every query also sees, and the G global rows that see every key (:mod:`sadiffuseq.attention.flash`). Written
 as PyTorch, that is a dozen skinny matmuls — (L × hd) by (hd × G), (G × L) by (L × hd), ... — each a full pass over
 a sequence-long tensor, plus the elementwise work between them: at 32k tokens about as much GPU time as the band
-itself. Here the same algebra runs in two kernels, each reading every sequence-long tensor once:
+itself. Here the same algebra runs in three kernels, each reading every sequence-long tensor once:
 
 * :func:`merge_global_keys` (forward): per block of queries, the scores against the G global keys, their
   log-sum-exp merged with the band's (split-K algebra), and the merged output and log-sum-exp written.
+* :func:`global_rows` (forward): the G global rows against every key, split over the sequence (running max, sum
+  and weighted values per piece, merged by log-sum-exp afterwards); :func:`write_rows` puts them in place.
 * :func:`global_backward` (backward): per block of positions, both roles at once — as queries of the global keys
   (dS = P ∘ (dP − rowsum(dO ∘ O)); dq += dS·K_g) and as keys of the global rows (dk += dS_rᵀ·Q_g, dv += P_rᵀ·dO_g) —
   added to the band's gradients and written in the layout of q, k and v; the gradients of the global tokens
-  themselves (dK_g, dV_g, dQ_g: reductions over the whole sequence) as one partial sum per block, added up after.
+  themselves (dK_g, dV_g, dQ_g: reductions over the whole sequence) as one partial sum per program, added up after.
 
-The global rows' forward (a G × L softmax) stays in PyTorch: it reads k and v once. Packed documents are not
-handled here (the PyTorch path masks the other documents); :func:`supports` says when these kernels apply.
+Packed documents are not handled here (the PyTorch path masks the other documents); :func:`supports` says when
+these kernels apply. Measured on an H100 at 32k tokens (docs/benchmarks.md), they take the flash backend's forward
++ backward with cuDNN's band from 2.47 to 1.96 ms.
 Needs Triton (shipped with PyTorch's CUDA wheels); the tests also run the kernels through Triton's CPU interpreter
 where Triton is installed.
 """
@@ -165,6 +168,36 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _global_rows_kernel(QG, K, V, ACC, STATS, skb, skl, skh, svb, svl, svh, L, H, scale, n_programs,
+                            BN: tl.constexpr, SPAN: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+        """The global rows against SPAN blocks of BN keys: running max, sum and weighted values (split-K)."""
+        pid, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        qg = tl.load(QG + (bh * GP + g[:, None]) * D + d[None, :])
+        top = tl.full((GP,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((GP,), dtype=tl.float32)
+        acc = tl.zeros((GP, D), dtype=tl.float32)
+        for i in range(SPAN):
+            n = (pid * SPAN + i) * BN + tl.arange(0, BN)
+            cols = n < L
+            k = tl.load(K + b * skb + h * skh + n[:, None] * skl + d[None, :], mask=cols[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + n[:, None] * svl + d[None, :], mask=cols[:, None], other=0.0)
+            s = tl.where(cols[None, :], tl.dot(qg, tl.trans(k)) * scale, float("-inf"))  # (GP, BN)
+            new_top = tl.maximum(top, tl.max(s, 1))
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # a block past the end: nothing to add
+            w = tl.exp(s - safe[:, None])
+            shrink = tl.exp(top - safe)
+            total = total * shrink + tl.sum(w, 1)
+            acc = acc * shrink[:, None] + tl.dot(w.to(v.dtype), v)
+            top = new_top
+        at = bh * n_programs + pid
+        tl.store(ACC + (at * GP + g[:, None]) * D + d[None, :], acc)
+        tl.store(STATS + (at * 2) * GP + g, top)
+        tl.store(STATS + (at * 2 + 1) * GP + g, total)
+
+    @triton.jit
     def _rows_kernel(X, ROWS, GPOS, sxb, sxl, sxh, H, G, ADD: tl.constexpr, D: tl.constexpr):
         """x[b, gpos[g], h, :] (+)= rows[b, h, g, :] for one (g, b·h), in place: a handful of rows, where an
         indexed write under ``torch.compile`` would copy the whole of x first."""
@@ -176,6 +209,34 @@ if triton is not None:
         if ADD:
             row += tl.load(at).to(tl.float32)
         tl.store(at, row.to(X.dtype.element_ty))
+
+
+ROW_SPAN = 8  # key blocks per program of the global rows' forward
+
+
+def _heads_first(x, n_padded: int, dtype):
+    """(B, G, H, hd) gathered rows -> (B, H, GP, hd) contiguous in ``dtype``, zero rows as padding."""
+    return torch.nn.functional.pad(x.transpose(1, 2), (0, 0, 0, n_padded - x.shape[1])).to(dtype).contiguous()
+
+
+def global_rows(q, k, v, global_pos, scale: float):
+    """The global rows' attention over every key: (B, H, G, hd) fp32 outputs and (B, H, G) log-sum-exp, one read
+    of k and v split over the sequence, the pieces merged by log-sum-exp."""
+    B, L, H, D = q.shape
+    G, GP = global_pos.shape[0], _padded(global_pos.shape[0])
+    n_programs = triton.cdiv(L, BLOCK * ROW_SPAN)
+    acc = torch.empty((B * H, n_programs, GP, D), dtype=torch.float32, device=q.device)
+    stats = torch.empty((B * H, n_programs, 2, GP), dtype=torch.float32, device=q.device)
+    _global_rows_kernel[(n_programs, B * H)](_heads_first(q[:, global_pos.long()], GP, q.dtype), k, v, acc, stats,
+                                             *_strides(k, v), L, H, scale, n_programs, BN=BLOCK, SPAN=ROW_SPAN,
+                                             GP=GP, D=D, num_warps=4)
+    top, total = stats.unbind(2)  # (B·H, n, GP)
+    best = top.max(1, keepdim=True).values
+    weight = torch.exp(top - best)  # a piece with no keys has top = -inf: weight 0
+    total = (total * weight).sum(1)
+    rows = (acc * weight[..., None]).sum(1) / total[..., None]
+    lse = best.squeeze(1) + total.log()
+    return rows[:, :G].view(B, H, G, D), lse[:, :G].view(B, H, G)
 
 
 def write_rows(x, rows, global_pos, add: bool = False) -> None:
@@ -221,10 +282,6 @@ def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_
     q_g, do_g = q[:, gl].float(), dout[:, gl].float()  # (B, G, H, hd)
     delta_g = (do_g * out[:, gl].float()).sum(-1).transpose(1, 2)  # (B, H, G)
     pad = GP - G
-
-    def heads_first(x):  # (B, G, H, hd) -> (B, H, GP, hd) contiguous, zero padding
-        return torch.nn.functional.pad(x.transpose(1, 2), (0, 0, 0, pad)).to(q.dtype).contiguous()
-
     lse_g = torch.nn.functional.pad(row_lse.float(), (0, pad), value=float("inf")).contiguous()
     delta_g = torch.nn.functional.pad(delta_g, (0, pad)).contiguous()
     # in the layouts of q, k and v where those are dense (as SDPA gives its gradients), else contiguous
@@ -233,7 +290,7 @@ def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_
     part = torch.empty((B * H, n_programs, 3, GP, D), dtype=torch.float32, device=q.device)
     _backward_kernel[(n_programs, B * H)](
         q, k, v, out, dout, lse_rest.contiguous(), dq_band, dk_band, dv_band, dq, dk, dv,
-        heads_first(q_g), heads_first(do_g), lse_g, delta_g, global_pos, dilations, part,
+        _heads_first(q_g, GP, q.dtype), _heads_first(do_g, GP, q.dtype), lse_g, delta_g, global_pos, dilations, part,
         *_strides(q, k, v, dq, dk, dv), L, H, G, window, scale, n_programs, BM=BLOCK, SPAN=SPAN, GP=GP, D=D,
         num_warps=4)
     sums = part.sum(1)[:, :, :G].transpose(0, 1)  # (3, B·H, G, D): dK_g, dV_g, dQ_g
