@@ -1,4 +1,4 @@
-"""The global tokens of the ``flash`` backend as two Triton kernels, one pass over the sequence each way.
+"""The global tokens of the ``flash`` backend as Triton kernels, one pass over the sequence per piece.
 
 The band kernel (FlashAttention-2's or cuDNN's) leaves the global tokens to the code around it: the G global keys
 that every query also sees, and the G global rows that see every key (:mod:`sadiffuseq.attention.flash`). Written
@@ -17,7 +17,8 @@ itself. Here the same algebra runs in three kernels, each reading every sequence
 
 Packed documents are not handled here (the PyTorch path masks the other documents); :func:`supports` says when
 these kernels apply. Measured on an H100 at 32k tokens (docs/benchmarks.md), they take the flash backend's forward
-+ backward with cuDNN's band from 2.47 to 1.96 ms.
++ backward with cuDNN's band from 2.47 to 1.96 ms (CUDA-graph replays).
+
 Needs Triton (shipped with PyTorch's CUDA wheels); the tests also run the kernels through Triton's CPU interpreter
 where Triton is installed.
 """
