@@ -186,12 +186,12 @@ if triton is not None:
             k = tl.load(K + b * skb + h * skh + n[:, None] * skl + d[None, :], mask=cols[:, None], other=0.0)
             v = tl.load(V + b * svb + h * svh + n[:, None] * svl + d[None, :], mask=cols[:, None], other=0.0)
             s = tl.where(cols[None, :], tl.dot(qg, tl.trans(k)) * scale, float("-inf"))  # (GP, BN)
-            new_top = tl.maximum(top, tl.max(s, 1))
+            new_top = tl.maximum(top, tl.max(s, 1)).to(tl.float32)  # (a float scale may arrive as fp64)
             safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # a block past the end: nothing to add
             w = tl.exp(s - safe[:, None])
             shrink = tl.exp(top - safe)
-            total = total * shrink + tl.sum(w, 1)
-            acc = acc * shrink[:, None] + tl.dot(w.to(v.dtype), v)
+            total = (total * shrink + tl.sum(w, 1)).to(tl.float32)
+            acc = (acc * shrink[:, None] + tl.dot(w.to(v.dtype), v)).to(tl.float32)
             top = new_top
         at = bh * n_programs + pid
         tl.store(ACC + (at * GP + g[:, None]) * D + d[None, :], acc)
