@@ -611,6 +611,10 @@ def _plot_attention(rows: list[dict], path: Path, cfg: ModelConfig) -> None:
         ax.loglog(L, [r[f"{variant}_ms"] for r in rows], marker + "-",
                   label="sparse, flash (FlashAttention-2 band)" if variant == "flash"
                   else f"sparse, flex, globals {variant}")
+    if all("dense_graph_ms" in r for r in rows):  # --cuda-graph: the same calls replayed as CUDA graphs
+        ax.loglog(L, [r["dense_graph_ms"] for r in rows], "o--", color="C0", alpha=0.6, label="dense, CUDA graph")
+        ax.loglog(L, [r["sparse_graph_ms"] for r in rows], "x--", color="C1", alpha=0.6,
+                  label=f"sparse ({rows[0]['schedule']}), CUDA graph")
     ax.loglog(L, [r["ideal_ms"] for r in rows], ":", color="gray", label="ideal = density × dense")
     if "naive_ms" in rows[0]:
         ax.loglog(L, [r["naive_ms"] for r in rows], "^--", label="naive FlexAttention mask")

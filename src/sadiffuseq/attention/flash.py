@@ -30,9 +30,13 @@ Band kernels (``model.flash_kernel``): ``fa2`` (CUDA, fp16/bf16, head width a mu
 one operator for the band of every head) and ``reference``, FlashAttention's contract in plain PyTorch (fp32,
 O(L²) per sequence) so that the CPU tests check everything here except the CUDA kernels.
 
-Where it stands (H100, docs/benchmarks.md): cuDNN's band kernels take about half FlashAttention-2's time, but
-the cuDNN path spends more host time than its kernels save below ~64k tokens; FlexAttention (``flex``) stays the
-default backend. ``flash`` is opt-in (``model.attention_backend: flash``), exact, and needs no compilation.
+On CUDA the global tokens run as Triton kernels (:mod:`sadiffuseq.attention.globals_triton`: one pass over the
+sequence per piece) where they apply (no packed documents); elsewhere as the PyTorch code below.
+
+Where it stands (H100, docs/benchmarks.md): with cuDNN's band and the Triton globals the GPU work of a forward +
+backward at 32k tokens is 1.93 ms (FlexAttention's best: 2.8), but the cuDNN path spends more host time per call
+than that below ~64k tokens; FlexAttention (``flex``) stays the default backend. ``flash`` is opt-in
+(``model.attention_backend: flash``) and exact.
 """
 
 from __future__ import annotations
