@@ -479,7 +479,8 @@ def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
     group_tensors, global_pos, skip, doc_ids, dilations = tensors
     B, L, H, D = q.shape
     scale = D ** -0.5
-    dout = dout.contiguous()
+    if not isinstance(static[1], tuple):  # FlashAttention-2 wants a contiguous dO; cuDNN's graphs take its strides
+        dout = dout.contiguous()
     if not has_globals:
         dq, dk, dv = _band_backward(static, dout, q, k, v, out, lse, states, group_tensors)
         return _like(q, dq), _like(k, dk), _like(v, dv)

@@ -104,7 +104,7 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(Q, K, V, O, DO, LSE, DQB, DKB, DVB, DQ, DK, DV,
                          QG, DOG, LSEG, DELTAG, GPOS, DIL, PART,
-                         sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
+                         sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdob, sdol, sdoh,
                          sdqb, sdql, sdqh, sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
                          L, H, G, window, scale, n_programs,
                          BM: tl.constexpr, SPAN: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
@@ -130,7 +130,7 @@ if triton is not None:
             rows = m < L
             c_at = ((b * L + m[:, None]) * H + h) * D + d[None, :]  # the contiguous (B, L, H, D) tensors
             q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sql + d[None, :], mask=rows[:, None], other=0.0)
-            do = tl.load(DO + c_at, mask=rows[:, None], other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + m[:, None] * sdol + d[None, :], mask=rows[:, None], other=0.0)
             # the positions as queries of the global keys; a global row's lse is +inf, so its P is 0 here
             s = tl.dot(q, tl.trans(kg)) * scale
             keep = gs[None, :] & ~_in_band(m, gpos, dil, window)
@@ -274,10 +274,11 @@ def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_
     """The band's gradients plus every global-token term, in the layouts of q, k, v.
 
     ``lse_rest``: the final log-sum-exp (B, H, L) with +inf on the global rows; ``row_lse`` (B, H, G): the global
-    rows' own. ``dout`` and ``out``: (B, L, H, hd); the band's gradients (B, L, H, hd) contiguous."""
+    rows' own. ``dout`` and ``out``: (B, L, H, hd), ``dout`` with any strides; the band's gradients (B, L, H, hd)
+    contiguous."""
     B, L, H, D = q.shape
     G, GP = global_pos.shape[0], _padded(global_pos.shape[0])
-    dout, out = dout.contiguous(), out.contiguous()
+    out = out.contiguous()  # dout: any strides (the layout autograd hands over; no copy)
     dq_band, dk_band, dv_band = dq_band.contiguous(), dk_band.contiguous(), dv_band.contiguous()
     gl = global_pos.long()
     q_g, do_g = q[:, gl].float(), dout[:, gl].float()  # (B, G, H, hd)
@@ -292,7 +293,7 @@ def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_
     _backward_kernel[(n_programs, B * H)](
         q, k, v, out, dout, lse_rest.contiguous(), dq_band, dk_band, dv_band, dq, dk, dv,
         _heads_first(q_g, GP, q.dtype), _heads_first(do_g, GP, q.dtype), lse_g, delta_g, global_pos, dilations, part,
-        *_strides(q, k, v, dq, dk, dv), L, H, G, window, scale, n_programs, BM=BLOCK, SPAN=SPAN, GP=GP, D=D,
+        *_strides(q, k, v, dout, dq, dk, dv), L, H, G, window, scale, n_programs, BM=BLOCK, SPAN=SPAN, GP=GP, D=D,
         num_warps=4)
     sums = part.sum(1)[:, :, :G].transpose(0, 1)  # (3, B·H, G, D): dK_g, dV_g, dQ_g
     for grad, rows in zip((dk, dv, dq), sums):
