@@ -34,7 +34,7 @@ On CUDA the global tokens run as Triton kernels (:mod:`sadiffuseq.attention.glob
 sequence per piece) where they apply (no packed documents); elsewhere as the PyTorch code below.
 
 Where it stands (H100, docs/benchmarks.md): with cuDNN's band and the Triton globals the GPU work of a forward +
-backward at 32k tokens is 1.93 ms (FlexAttention's best: 2.8), but the cuDNN path spends more host time per call
+backward at 32k tokens is 1.85 ms (FlexAttention's best: 2.8), but the cuDNN path spends more host time per call
 than that below ~64k tokens; FlexAttention (``flex``) stays the default backend. ``flash`` is opt-in
 (``model.attention_backend: flash``) and exact.
 """
