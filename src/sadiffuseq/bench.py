@@ -105,6 +105,9 @@ def graphed(fn, warmup: int = 3):
     return graph.replay
 
 
+GRAPHING_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs of their own
+
+
 def graph_time_ms(fn, reps: int = 10) -> float:
     """Median milliseconds of one replay of ``fn`` captured as a CUDA graph (:func:`graphed`), synchronised after
     every replay like :func:`cuda_time_ms`."""
@@ -184,8 +187,8 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
         schedules = ()
     cfg = pattern_config(heads, head_dim, window, dilated_heads, dilation, n_global, backend="flex",
                          compile_mode=compile_mode)  # checks the mode
-    if cuda_graph and compile_mode == "reduce-overhead":
-        raise UserError("--cuda-graph captures each call itself; --flex-compile reduce-overhead would capture graphs "
+    if cuda_graph and compile_mode in GRAPHING_MODES:
+        raise UserError(f"--cuda-graph captures each call itself; --flex-compile {compile_mode} would capture graphs "
                         "inside it: use --flex-compile auto, default or max-autotune-no-cudagraphs with it")
     if not torch.cuda.is_available():
         raise UserError("bench attention measures GPU kernels (FlexAttention, fused SDPA): it needs a CUDA GPU")
@@ -349,7 +352,7 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     the routing, gathers, GELU and gate-weighted combine around the grouped matmuls — the graph a compiled model's
     blocks trace the layer into). ``cuda_graph``: also time both layers' forward + backward captured as one CUDA
     graph each and replayed (``dense_graph_ms``, ``moe_graph_ms``, ``graph_ratio``; :func:`graphed`; CUDA only, and
-    not with ``compile="reduce-overhead"``, which captures graphs of its own).
+    not with a compile mode that captures graphs of its own, :data:`GRAPHING_MODES`).
     """
     from sadiffuseq.model import DenseFFN
     from sadiffuseq.moe import MoEFFN, expert_hidden
@@ -363,9 +366,9 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     on_cuda = dev.type == "cuda"
     if cuda_graph and not on_cuda:
         raise UserError("bench moe --cuda-graph captures CUDA graphs: it needs --device cuda")
-    if cuda_graph and isinstance(compile, str) and "reduce-overhead" in compile:
-        raise UserError("bench moe: --cuda-graph captures each call itself; --compile reduce-overhead would capture "
-                        "graphs inside it: use --compile default (or none) with it")
+    if cuda_graph and compile in GRAPHING_MODES:
+        raise UserError(f"bench moe: --cuda-graph captures each call itself; --compile {compile} would capture "
+                        "graphs inside it: use --compile default, max-autotune-no-cudagraphs or none with it")
     cfg = ModelConfig(d_model=d_model, n_heads=1, ffn_mult=ffn_mult, ffn="moe", moe_experts=experts,
                       moe_top_k=top_k, moe_ffn_mult=0.0, moe_impl=impl, dropout=0.0)
     torch.manual_seed(0)

@@ -484,7 +484,6 @@ def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
     if not has_globals:
         dq, dk, dv = _band_backward(static, dout, q, k, v, out, lse, states, group_tensors)
         return _like(q, dq), _like(k, dk), _like(v, dv)
-    slot = _global_slots(global_pos, L)
     # The global rows' outputs came from their own softmax: with their log-sum-exp set to +inf, the band and the
     # global keys see probabilities exp(s − inf) = 0 there, so those rows send and receive no gradient through
     # them (no copy of dout with those rows zeroed).
@@ -495,6 +494,7 @@ def _backward_body(static, dout, q, k, v, out, lse, states, tensors):
 
         return globals_triton.global_backward(dout, q, k, v, out, lse_rest, lse[:, :, global_pos], dq, dk, dv,
                                               global_pos.int(), dilations, static[0], scale)
+    slot = _global_slots(global_pos, L)
     # the global keys: dS = P ∘ (dP − rowsum(dO ∘ O)) with the merged probabilities
     k_g, v_g = k[:, global_pos], v[:, global_pos]
     p = torch.exp(_global_key_scores(q, k_g, skip, scale) - lse_rest[..., None])  # (B, H, L, G)

@@ -281,8 +281,8 @@ def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_
     out = out.contiguous()  # dout: any strides (the layout autograd hands over; no copy)
     dq_band, dk_band, dv_band = dq_band.contiguous(), dk_band.contiguous(), dv_band.contiguous()
     gl = global_pos.long()
-    q_g, do_g = q[:, gl].float(), dout[:, gl].float()  # (B, G, H, hd)
-    delta_g = (do_g * out[:, gl].float()).sum(-1).transpose(1, 2)  # (B, H, G)
+    q_g, do_g = q[:, gl], dout[:, gl]  # (B, G, H, hd)
+    delta_g = (do_g.float() * out[:, gl].float()).sum(-1).transpose(1, 2)  # (B, H, G)
     pad = GP - G
     lse_g = torch.nn.functional.pad(row_lse.float(), (0, pad), value=float("inf")).contiguous()
     delta_g = torch.nn.functional.pad(delta_g, (0, pad)).contiguous()
