@@ -38,6 +38,6 @@ with profile(activities=[ProfilerActivity.CUDA]) as p:
         step()
     torch.cuda.synchronize()
 events = sorted(p.key_averages(), key=lambda e: -e.self_device_time_total)
-for e in events[:40]:
+for e in events[:60]:
     if e.self_device_time_total > 0 and not e.key.startswith("## Call"):
         print(f"{e.self_device_time_total / 5:9.1f} us/step {e.count / 5:5.1f} calls/step  {e.key[:100]}")

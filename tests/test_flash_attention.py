@@ -240,6 +240,33 @@ def test_triton_global_kernels_take_views_of_a_fused_projection():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dilation,hd", [(1, 16), (4, 24)])
+def test_triton_corner_merge_matches_pytorch(dilation, hd):
+    """The cuDNN band's corner merged into the main call's first rows by one Triton kernel, in place on strided
+    views (a dilated group's residue classes; a head width that is not a power of two), against the same algebra
+    in PyTorch (under Triton's interpreter; started by the test below)."""
+    pytest.importorskip("triton")
+    from sadiffuseq.attention import globals_triton
+
+    if not globals_triton.interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_triton_global_kernels_under_the_interpreter starts it)")
+    g = torch.Generator().manual_seed(hd)
+    L, H, n = 96, 3, 10
+    out = torch.randn(1, L, 5, hd, generator=g)[:, :, 1:4]  # heads 1-3 of five: a group's view
+    classes = out if dilation == 1 else flash.patterns.class_view(out, dilation)  # (d, L/d, h, hd)
+    Bk, S = classes.shape[:2]
+    lse = torch.randn(Bk, H, S, generator=g)
+    corner, lse_c = torch.randn(Bk, n, H, hd, generator=g), torch.randn(Bk, H, n, generator=g)
+    before = classes.clone()
+    want_o, want_lse = classes.clone(), lse.clone()
+    cudnn_band._merge_corner_torch(want_o[:, :n], want_lse[..., :n], corner, lse_c)
+    cudnn_band._merge_corner(classes[:, :n], lse[..., :n], corner, lse_c)
+    torch.testing.assert_close(classes, want_o)
+    torch.testing.assert_close(lse, want_lse)
+    assert (want_o[:, :n] - before[:, :n]).abs().max() > 0.1  # the merge changes those rows: the test can fail
+    torch.testing.assert_close(classes[:, n:], before[:, n:])  # and only those
+
+
 def test_triton_global_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     from sadiffuseq.attention import globals_triton
@@ -247,6 +274,6 @@ def test_triton_global_kernels_under_the_interpreter():
     if globals_triton.interpreting():
         pytest.skip("already under the interpreter")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "test_triton_global_kernels_match_dense or fused_projection"], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          "test_triton_global_kernels_match_dense or fused_projection or corner_merge"], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True)
     assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]

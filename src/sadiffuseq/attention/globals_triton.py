@@ -33,8 +33,28 @@ try:
 except ImportError:  # CPU-only PyTorch wheels come without Triton
     triton = None
 
-BLOCK = 64  # positions per block (a program of the forward)
-SPAN = 4  # blocks per program of the backward, which sums the global tokens' own gradients over them
+# Launch settings of each kernel: BM / BN positions per block, SPAN blocks per program (the backward and the
+# global rows keep running sums over them, so longer spans mean fewer partial sums to add up afterwards), warps,
+# software-pipeline stages, and the order of the grid (HEADS_FAST: programs launched together take every head of
+# the same rows). All three kernels are bound by memory traffic (every sequence-long tensor read once). Chosen by
+# ``scripts/gpu_tune_globals.py`` on an H100 at 32k tokens, hd 64, 16 heads (docs/benchmarks.md): the best
+# setting of each kernel in both layouts tried (the benchmark's (B, H, L, hd) inputs and the model's fused
+# projection), 4–15% faster than the first hand-picked ones.
+MERGE = dict(BM=64, num_warps=4, num_stages=2, HEADS_FAST=True)
+ROWS = dict(BN=128, SPAN=16, num_warps=4, num_stages=3, HEADS_FAST=True)
+BACKWARD = dict(BM=64, SPAN=8, num_warps=4, num_stages=3, HEADS_FAST=True)
+MIN_PROGRAMS = 256  # a span is halved until the grid has this many programs (about two per SM of an H100), or 1
+
+
+def _span(length: int, block: int, span: int, n_bh: int) -> int:
+    """The longest span up to ``span`` that still gives MIN_PROGRAMS programs (short sequences: shorter spans)."""
+    while span > 1 and triton.cdiv(length, block * span) * n_bh < MIN_PROGRAMS:
+        span //= 2
+    return span
+
+
+def _grid(n_blocks: int, n_bh: int, heads_fast: bool) -> tuple[int, int]:
+    return (n_bh, n_blocks) if heads_fast else (n_blocks, n_bh)
 
 
 def supports(q: torch.Tensor, n_global: int, packed: bool) -> bool:
@@ -65,6 +85,15 @@ def _padded(n_global: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _program(HEADS_FAST: tl.constexpr):
+        """(block of positions, batch·head) of this program. The grid's first axis is the one whose neighbours run
+        together: with HEADS_FAST the programs running at once read every head of a few rows, which in the
+        token-major layouts (B, L, H, hd) are contiguous; otherwise each reads a run of rows of one head."""
+        if HEADS_FAST:
+            return tl.program_id(1), tl.program_id(0)
+        return tl.program_id(0), tl.program_id(1)
+
+    @triton.jit
     def _in_band(pos, gpos, dil, window):
         """(M, G): the global key at ``gpos`` lies inside the band of the query at ``pos`` (counted there)."""
         off = pos[:, None] - gpos[None, :]
@@ -74,8 +103,8 @@ if triton is not None:
     def _merge_kernel(Q, K, V, O, LSE, OUT, LSE_OUT, GPOS, DIL,
                       sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
                       L, H, G, window, scale,
-                      BM: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
-        pid, bh = tl.program_id(0), tl.program_id(1)
+                      BM: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HEADS_FAST: tl.constexpr):
+        pid, bh = _program(HEADS_FAST)
         b, h = bh // H, bh % H
         m = pid * BM + tl.arange(0, BM)
         g = tl.arange(0, GP)
@@ -107,8 +136,9 @@ if triton is not None:
                          sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdob, sdol, sdoh,
                          sdqb, sdql, sdqh, sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
                          L, H, G, window, scale, n_programs,
-                         BM: tl.constexpr, SPAN: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
-        pid, bh = tl.program_id(0), tl.program_id(1)
+                         BM: tl.constexpr, SPAN: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                         HEADS_FAST: tl.constexpr):
+        pid, bh = _program(HEADS_FAST)
         b, h = bh // H, bh % H
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
@@ -170,9 +200,10 @@ if triton is not None:
 
     @triton.jit
     def _global_rows_kernel(QG, K, V, ACC, STATS, skb, skl, skh, svb, svl, svh, L, H, scale, n_programs,
-                            BN: tl.constexpr, SPAN: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+                            BN: tl.constexpr, SPAN: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                            HEADS_FAST: tl.constexpr):
         """The global rows against SPAN blocks of BN keys: running max, sum and weighted values (split-K)."""
-        pid, bh = tl.program_id(0), tl.program_id(1)
+        pid, bh = _program(HEADS_FAST)
         b, h = bh // H, bh % H
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
@@ -199,20 +230,17 @@ if triton is not None:
         tl.store(STATS + (at * 2 + 1) * GP + g, total)
 
     @triton.jit
-    def _rows_kernel(X, ROWS, GPOS, sxb, sxl, sxh, H, G, ADD: tl.constexpr, D: tl.constexpr):
+    def _rows_kernel(X, VALUES, GPOS, sxb, sxl, sxh, H, G, ADD: tl.constexpr, D: tl.constexpr):
         """x[b, gpos[g], h, :] (+)= rows[b, h, g, :] for one (g, b·h), in place: a handful of rows, where an
         indexed write under ``torch.compile`` would copy the whole of x first."""
         g, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         d = tl.arange(0, D)
         at = X + b * sxb + tl.load(GPOS + g) * sxl + h * sxh + d
-        row = tl.load(ROWS + (bh * G + g) * D + d)
+        row = tl.load(VALUES + (bh * G + g) * D + d)
         if ADD:
             row += tl.load(at).to(tl.float32)
         tl.store(at, row.to(X.dtype.element_ty))
-
-
-ROW_SPAN = 8  # key blocks per program of the global rows' forward
 
 
 def _heads_first(x, n_padded: int, dtype):
@@ -225,12 +253,13 @@ def global_rows(q, k, v, global_pos, scale: float):
     of k and v split over the sequence, the pieces merged by log-sum-exp."""
     B, L, H, D = q.shape
     G, GP = global_pos.shape[0], _padded(global_pos.shape[0])
-    n_programs = triton.cdiv(L, BLOCK * ROW_SPAN)
+    settings = {**ROWS, "SPAN": _span(L, ROWS["BN"], ROWS["SPAN"], B * H)}
+    n_programs = triton.cdiv(L, settings["BN"] * settings["SPAN"])
     acc = torch.empty((B * H, n_programs, GP, D), dtype=torch.float32, device=q.device)
     stats = torch.empty((B * H, n_programs, 2, GP), dtype=torch.float32, device=q.device)
-    _global_rows_kernel[(n_programs, B * H)](_heads_first(q[:, global_pos.long()], GP, q.dtype), k, v, acc, stats,
-                                             *_strides(k, v), L, H, scale, n_programs, BN=BLOCK, SPAN=ROW_SPAN,
-                                             GP=GP, D=D, num_warps=4)
+    q_g = _heads_first(q[:, global_pos.long()], GP, q.dtype)
+    _global_rows_kernel[_grid(n_programs, B * H, settings["HEADS_FAST"])](q_g, k, v, acc, stats, *_strides(k, v), L, H,
+                                                                          scale, n_programs, GP=GP, D=D, **settings)
     top, total = stats.unbind(2)  # (B·H, n, GP)
     best = top.max(1, keepdim=True).values
     weight = torch.exp(top - best)  # a piece with no keys has top = -inf: weight 0
@@ -263,9 +292,9 @@ def merge_global_keys(q, k, v, out, lse, global_pos, dilations, window: int, sca
     G, GP = global_pos.shape[0], _padded(global_pos.shape[0])
     out, lse = out.contiguous(), lse.contiguous()
     new_out, new_lse = torch.empty_like(out), torch.empty_like(lse)
-    grid = (triton.cdiv(L, BLOCK), B * H)
+    grid = _grid(triton.cdiv(L, MERGE["BM"]), B * H, MERGE["HEADS_FAST"])
     _merge_kernel[grid](q, k, v, out, lse, new_out, new_lse, global_pos, dilations, *_strides(q, k, v),
-                        L, H, G, window, scale, BM=BLOCK, GP=GP, D=D, num_warps=4)
+                        L, H, G, window, scale, GP=GP, D=D, **MERGE)
     return new_out, new_lse
 
 
@@ -288,13 +317,13 @@ def global_backward(dout, q, k, v, out, lse_rest, row_lse, dq_band, dk_band, dv_
     delta_g = torch.nn.functional.pad(delta_g, (0, pad)).contiguous()
     # in the layouts of q, k and v where those are dense (as SDPA gives its gradients), else contiguous
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    n_programs = triton.cdiv(L, BLOCK * SPAN)
+    settings = {**BACKWARD, "SPAN": _span(L, BACKWARD["BM"], BACKWARD["SPAN"], B * H)}
+    n_programs = triton.cdiv(L, settings["BM"] * settings["SPAN"])
     part = torch.empty((B * H, n_programs, 3, GP, D), dtype=torch.float32, device=q.device)
-    _backward_kernel[(n_programs, B * H)](
+    _backward_kernel[_grid(n_programs, B * H, settings["HEADS_FAST"])](
         q, k, v, out, dout, lse_rest.contiguous(), dq_band, dk_band, dv_band, dq, dk, dv,
         _heads_first(q_g, GP, q.dtype), _heads_first(do_g, GP, q.dtype), lse_g, delta_g, global_pos, dilations, part,
-        *_strides(q, k, v, dout, dq, dk, dv), L, H, G, window, scale, n_programs, BM=BLOCK, SPAN=SPAN, GP=GP, D=D,
-        num_warps=4)
+        *_strides(q, k, v, dout, dq, dk, dv), L, H, G, window, scale, n_programs, GP=GP, D=D, **settings)
     sums = part.sum(1)[:, :, :G].transpose(0, 1)  # (3, B·H, G, D): dK_g, dV_g, dQ_g
     for grad, rows in zip((dk, dv, dq), sums):
         write_rows(grad, rows, global_pos, add=True)
