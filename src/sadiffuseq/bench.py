@@ -608,16 +608,18 @@ def _plot_attention(rows: list[dict], path: Path, cfg: ModelConfig) -> None:
 
     L = [r["length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    ax.loglog(L, [r["dense_ms"] for r in rows], "o-", label="dense SDPA (fused kernel)")
+    ax.loglog(L, [r["dense_ms"] for r in rows], "o-", color="C0", label="dense SDPA (fused kernel)")
     variants = [s for s in ("flash", *GLOBAL_SCHEDULES) if all(f"{s}_ms" in r for r in rows)]
-    for variant, marker in zip(variants, "*sdv"):
-        ax.loglog(L, [r[f"{variant}_ms"] for r in rows], marker + "-",
-                  label="sparse, flash (FlashAttention-2 band)" if variant == "flash"
-                  else f"sparse, flex, globals {variant}")
-    if all("dense_graph_ms" in r for r in rows):  # --cuda-graph: the same calls replayed as CUDA graphs
+    band = {"cudnn": "cuDNN band", "fa2": "FlashAttention-2 band"}.get(rows[0].get("flash_kernel"), "band kernel")
+    names = {"flash": f"sparse, flash ({band})", **{s: f"sparse, flex, globals {s}" for s in GLOBAL_SCHEDULES}}
+    for i, (variant, marker) in enumerate(zip(variants, "*sdv")):
+        color = f"C{i + 1}"
+        ax.loglog(L, [r[f"{variant}_ms"] for r in rows], marker + "-", color=color, label=names[variant])
+        if all(f"{variant}_graph_ms" in r for r in rows):  # --cuda-graph: the same calls replayed as CUDA graphs
+            ax.loglog(L, [r[f"{variant}_graph_ms"] for r in rows], marker + "--", color=color, alpha=0.6,
+                      label=f"{names[variant]}, CUDA graph")
+    if all("dense_graph_ms" in r for r in rows):
         ax.loglog(L, [r["dense_graph_ms"] for r in rows], "o--", color="C0", alpha=0.6, label="dense, CUDA graph")
-        ax.loglog(L, [r["sparse_graph_ms"] for r in rows], "x--", color="C1", alpha=0.6,
-                  label=f"sparse ({rows[0]['schedule']}), CUDA graph")
     ax.loglog(L, [r["ideal_ms"] for r in rows], ":", color="gray", label="ideal = density × dense")
     if "naive_ms" in rows[0]:
         ax.loglog(L, [r["naive_ms"] for r in rows], "^--", label="naive FlexAttention mask")
