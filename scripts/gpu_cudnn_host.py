@@ -33,11 +33,13 @@ pack = {gr.slots[n]: t for n, t in data.items()}
 pack.update({gr.slots[n]: torch.full((B, 1, 1, 1), m, dtype=torch.int32, device="cuda") for n, (B, m) in gr.lengths.items()})
 workspace = torch.empty(gr.workspace_size, dtype=torch.uint8, device="cuda")
 host("execute", lambda: gr.graph.execute(pack, workspace, handle=gr.handle))
+order = list(pack)  # the frontend's ordered binding: buffers by position, their uids given once
+uids, buffers = [t.uid for t in order], [pack[t] for t in order]
+host("execute, ordered buffers", lambda: gr.graph.execute(buffers, workspace, handle=gr.handle, tensor_uids=uids))
 host("layout+lookup", lambda: cb._graph(False, cb._layout(data), 2 * w + 1, 0, True, 0.125, q.dtype, 0))
 c = torch.empty(1, 2 * w, 8, D, device="cuda", dtype=torch.bfloat16); lc = torch.empty(1, 8, 2 * w, device="cuda")
 host("corner _call", lambda: cb._call(qg[:, :2 * w], kg[:, :w], kg[:, :w], c, lc, w + 1, None, 0.125))
-def merge():
-    head = l1[..., :2 * w]; merged = torch.logaddexp(head, lc)
-    o1[:, :2 * w] = (o1[:, :2 * w] * torch.exp(head - merged).transpose(1, 2)[..., None] + c * torch.exp(lc - merged).transpose(1, 2)[..., None])
-    head.copy_(merged)
-host("merge", merge)
+host("corner merge (PyTorch)", lambda: cb._merge_corner_torch(o1[:, :2 * w], l1[..., :2 * w], c, lc))
+host("corner merge (Triton)", lambda: cb._merge_corner(o1[:, :2 * w], l1[..., :2 * w], c, lc))
+dout = torch.randn_like(q)
+host("backward op", lambda: torch.ops.sadiffuseq.cudnn_band_backward(dout, q, k, v, out, lse, w, 0.125, spec))
