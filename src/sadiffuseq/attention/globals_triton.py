@@ -17,7 +17,8 @@ itself. Here the same algebra runs in three kernels, each reading every sequence
 
 Packed documents are not handled here (the PyTorch path masks the other documents); :func:`supports` says when
 these kernels apply. Measured on an H100 at 32k tokens (docs/benchmarks.md), they take the flash backend's forward
-+ backward with cuDNN's band from 2.47 to 1.85 ms (CUDA-graph replays; with dO read in its own layout).
++ backward with cuDNN's band from 2.47 to 1.72 ms (CUDA-graph replays; with dO read in its own layout, the
+launch settings below tuned, and cuDNN's corner merged by a kernel of its own).
 
 Needs Triton (shipped with PyTorch's CUDA wheels); the tests also run the kernels through Triton's CPU interpreter
 where Triton is installed.
