@@ -240,6 +240,25 @@ def test_triton_global_kernels_take_views_of_a_fused_projection():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
 
 
+def test_triton_global_kernels_give_the_same_numbers_under_every_launch_setting(monkeypatch):
+    """The launch settings (block sizes, spans, grid order, stages) only change how the work is split: other
+    settings than the tuned ones — positions on the grid's fast axis, smaller blocks, spans of one — give the same
+    outputs and gradients (under Triton's interpreter; started by the test below)."""
+    pytest.importorskip("triton")
+    from sadiffuseq.attention import globals_triton
+
+    if not globals_triton.interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_triton_global_kernels_under_the_interpreter starts it)")
+    case = (1, 600, 2, 8, [1, 4], 16, 0, False)
+    tuned = _out_and_grads(case, "flash", hd=16)
+    monkeypatch.setattr(globals_triton, "MERGE", dict(BM=32, num_warps=2, num_stages=1, HEADS_FAST=False))
+    monkeypatch.setattr(globals_triton, "ROWS", dict(BN=32, SPAN=1, num_warps=2, num_stages=1, HEADS_FAST=False))
+    monkeypatch.setattr(globals_triton, "BACKWARD", dict(BM=32, SPAN=1, num_warps=2, num_stages=1, HEADS_FAST=False))
+    other = _out_and_grads(case, "flash", hd=16)
+    for name, a, b in zip("out dq dk dv".split(), tuned, other):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("dilation,hd", [(1, 16), (4, 24)])
 def test_triton_corner_merge_matches_pytorch(dilation, hd):
     """The cuDNN band's corner merged into the main call's first rows by one Triton kernel, in place on strided
@@ -274,6 +293,6 @@ def test_triton_global_kernels_under_the_interpreter():
     if globals_triton.interpreting():
         pytest.skip("already under the interpreter")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "test_triton_global_kernels_match_dense or fused_projection or corner_merge"], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          "test_triton_global_kernels_match_dense or fused_projection or corner_merge or launch_setting"], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True)
     assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
