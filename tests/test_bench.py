@@ -191,3 +191,19 @@ def test_gpu_graph_replay_gives_the_eager_gradients(backend, schedule, kernel):
     for a, b in zip(replayed, grads["now"]):
         assert torch.equal(a, b) or (a.float() - b.float()).abs().max() < 1e-2 * b.float().abs().max()
     assert not torch.equal(replayed[0], torch.zeros_like(replayed[0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_gpu_bench_attention_reports_every_variant_replayed(tmp_path):
+    """``--cuda-graph`` gives every timed variant its replay time and efficiency (density × dense replay / its
+    replay), next to the default variant's ``sparse_graph_ms`` and ``graph_efficiency``."""
+    rows = bench.bench_attention([2048], heads=4, dilated_heads=2, naive=False, reps=2, out_dir=tmp_path,
+                                 backends=("flex", "flash"), schedules=("inline", "split"), flash_kernel="fa2",
+                                 cuda_graph=True)
+    row = rows[0]
+    for variant in ("flash", "inline", "split"):
+        assert row[f"{variant}_graph_ms"] > 0
+        assert row[f"{variant}_graph_efficiency"] == pytest.approx(
+            row["density"] * row["dense_graph_ms"] / row[f"{variant}_graph_ms"])
+    assert row["sparse_graph_ms"] == row[f"{row['schedule']}_graph_ms"]
+    assert (tmp_path / "attention.csv").exists() and (tmp_path / "attention.png").exists()

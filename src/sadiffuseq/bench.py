@@ -175,7 +175,7 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
     Times are synchronised after every call (latency, :func:`cuda_time_ms`); the ``*_queued_ms`` columns and
     ``queued_speedup`` queue the calls back to back (:func:`queued_time_ms`), which hides the host where the GPU
     is the bottleneck. ``compile_mode``: ``model.flex_compile`` for FlexAttention. ``cuda_graph``: also time every
-    variant captured as one CUDA graph and replayed (``*_graph_ms``, ``graph_speedup``, ``graph_efficiency``;
+    variant captured as one CUDA graph and replayed (``*_graph_ms``, ``graph_speedup``, ``*graph_efficiency``;
     :func:`graphed`): the GPU-bound cost, host dispatch removed for dense and sparse alike."""
     bad = [s for s in schedules if s not in GLOBAL_SCHEDULES]
     if bad:
@@ -248,6 +248,7 @@ def bench_attention(lengths: list[int], heads: int = 16, head_dim: int = 64, win
             for variant, ms in graph_ms.items():
                 if variant != "dense":
                     row[f"{variant}_graph_ms"] = ms
+                    row[f"{variant}_graph_efficiency"] = density * graph_ms["dense"] / ms
         if flash_layer is not None:  # which band kernel the flash backend ran (model.flash_kernel, auto: cudnn if installed)
             row["flash_kernel"] = flash.resolve_kernel(flash_layer.flash_kernel, device, L)
         for schedule, ms in schedule_ms.items():
