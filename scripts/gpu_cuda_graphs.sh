@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Forward + backward captured as one CUDA graph and replayed (bench --cuda-graph), attention and MoE, on one GPU;
-# then the profiler's kernel table of the cuDNN-band path at 32k. Optional: NVIDIA's cudnn frontend wheel under
-# .carry/ (pip install --no-deps --target /tmp/cdnn) for the cuDNN band; without it the cudnn rows are skipped.
+# then the profiler's kernel table of the cuDNN-band path at 32k. Optional: NVIDIA's cudnn frontend wheel in the
+# folder WHEELS (default .whl/; installed with pip install --no-deps --target /tmp/cdnn) for the cuDNN band, for
+# machines that cannot reach a package index; without it (and not installed) the cudnn rows are skipped.
 #   PART=attention|moe|profile|all (default all)   OUT=folder for CSV/PNG (default bench_out)
 set -euo pipefail
 OUT=${OUT:-bench_out}
 PART=${PART:-all}
-if ls .carry/nvidia_cudnn_frontend*.whl >/dev/null 2>&1; then
-  pip install -q --no-deps --target /tmp/cdnn .carry/nvidia_cudnn_frontend*.whl
+WHEELS=${WHEELS:-.whl}
+if ls "$WHEELS"/nvidia_cudnn_frontend*.whl >/dev/null 2>&1; then
+  pip install -q --no-deps --target /tmp/cdnn "$WHEELS"/nvidia_cudnn_frontend*.whl
   export PYTHONPATH=src:/tmp/cdnn
 else
   export PYTHONPATH=src
