@@ -9,7 +9,9 @@ forward and backward of each group's main call: the plans heuristics A, B and th
 replay, its outputs compared with the first plan's. Needs NVIDIA's cudnn frontend (see
 scripts/gpu_cudnn_causal_band.py).
 """
-import itertools, sys
+import itertools
+import json
+import sys
 import torch
 sys.path.insert(0, "src")
 import cudnn
@@ -67,6 +69,24 @@ def build(backward, data, left, right, padded):
         pack[tensors[n]] = t
     return g, pack, handle, outputs
 
+def time_plan(g, pack, handle, data, index):
+    """One plan of the graph: its outputs (the last three tensors of ``data``, fp32 copies) and replay time."""
+    ws = torch.empty(g.get_workspace_size_plan_at_index(index), dtype=torch.uint8, device=dev)
+
+    def call():
+        c.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+        g.execute_plan_at_index(pack, ws, index=index, handle=handle)
+
+    call()
+    torch.cuda.synchronize()
+    outputs = [t.float().clone() for t in data.values()][-3:]
+    return outputs, graph_time_ms(call, reps=20)
+
+
+def max_error(got, want):
+    return max((a - b).abs().max().item() for a, b in zip(got, want))
+
+
 def run_all(tag, backward, data, left, right, padded):
     g, pack, handle, outputs = build(backward, data, left, right, padded)
     n = g.get_execution_plan_count()
@@ -74,68 +94,42 @@ def run_all(tag, backward, data, left, right, padded):
     first = None
     results = []
     for i in range(n):
+        name = g.get_plan_name_at_index(i)
+        engine_knobs = g.get_engine_and_knobs_at_index(i)
         try:
-            name = g.get_plan_name_at_index(i)
-        except Exception as e:
-            name = f"? {e}"
-        try:
-            ek = g.get_engine_and_knobs_at_index(i)
-        except Exception as e:
-            ek = f"? {str(e)[:60]}"
-        try:
-            ws = torch.empty(g.get_workspace_size_plan_at_index(i), dtype=torch.uint8, device=dev)
-            def fn(i=i, ws=ws):
-                c.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-                g.execute_plan_at_index(pack, ws, index=i, handle=handle)
-            fn(); torch.cuda.synchronize()
-            got = [t.float().clone() for t in data.values() if t is not None][-3:]
-            if first is None:
-                first = got
-            err = max((a - b).abs().max().item() for a, b in zip(got, first))
-            ms = graph_time_ms(fn, reps=20)
-            print(f"  [{i}] {ms*1e3:8.1f} us  err {err:.3g}  ws {ws.numel()}  {name[:90]}  {ek}")
-            results.append((ms, i, name, ek))
-        except Exception as e:
+            got, ms = time_plan(g, pack, handle, data, i)
+        except Exception as e:  # noqa: BLE001 - a plan that does not run is reported and skipped
             print(f"  [{i}] failed {type(e).__name__}: {str(e)[:150]}  {name[:80]}")
-    results.sort(key=lambda r: r[0])
-    print("  best heuristic plan:", results[0][:2], results[0][3] if results else None)
-    # every KERNEL_CFG (and the other knob) of the engines the heuristics proposed
-    engines = sorted({r[3][0] for r in results if isinstance(r[3], tuple)})
-    by_value = {m.value if hasattr(m, "value") else int(m): m for m in c.knob_type.__members__.values()}
+            continue
+        first = got if first is None else first
+        print(f"  [{i}] {ms * 1e3:8.1f} us  err {max_error(got, first):.3g}  {name[:90]}  {engine_knobs}")
+        results.append((ms, i, name, engine_knobs))
+    if not results:
+        return results
+    print("  fastest heuristic plan:", min(results, key=lambda r: r[0]))
+    # every knob value of the engines the heuristics proposed
+    by_value = {int(m.value): m for m in c.knob_type.__members__.values()}
     sweep = []
-    for eng in engines:
-        try:
-            kn = g.get_knobs_for_engine(eng)
-        except Exception as e:
-            print("  knobs query failed", eng, str(e)[:100]); continue
-        import json
-        specs = [json.loads(str(x)) if not isinstance(x, dict) else x for x in kn] if not isinstance(kn, str) else json.loads(kn)
-        axes = []
-        for sp in specs:
-            kt = by_value.get(sp["knob_type"])
-            axes.append([(kt, val) for val in range(sp["min_value"], sp["max_value"] + 1, sp["stride"])])
+    for engine in sorted({r[3][0] for r in results}):
+        specs = [json.loads(str(x)) for x in g.get_knobs_for_engine(engine)]
+        axes = [[(by_value[sp["knob_type"]], val) for val in range(sp["min_value"], sp["max_value"] + 1, sp["stride"])]
+                for sp in specs]
         for combo in itertools.product(*axes):
             knobs = dict(combo)
             try:
-                g.create_execution_plan(eng, knobs)
-                idx = g.get_execution_plan_count() - 1
-                g.build_plan_at_index(idx)
-                ws = torch.empty(g.get_workspace_size_plan_at_index(idx), dtype=torch.uint8, device=dev)
-                def fn(i=idx, ws=ws):
-                    c.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-                    g.execute_plan_at_index(pack, ws, index=i, handle=handle)
-                fn(); torch.cuda.synchronize()
-                got = [t.float().clone() for t in data.values() if t is not None][-3:]
-                err = max((a - b).abs().max().item() for a, b in zip(got, first))
-                ms = graph_time_ms(fn, reps=20)
-                sweep.append((ms, eng, {str(k_).split('.')[-1]: v_ for k_, v_ in knobs.items()}, err))
+                g.create_execution_plan(engine, knobs)
+                index = g.get_execution_plan_count() - 1
+                g.build_plan_at_index(index)
+                got, ms = time_plan(g, pack, handle, data, index)
             except Exception:  # noqa: BLE001 - a knob combination the engine refuses: skipped
-                pass
+                continue
+            sweep.append((ms, engine, {str(k_).split(".")[-1]: v_ for k_, v_ in knobs.items()}, max_error(got, first)))
     sweep.sort(key=lambda r: r[0])
     print(f"  knob sweep: {len(sweep)} variants built; best 6:")
     for r in sweep[:6]:
-        print(f"    {r[0]*1e3:8.1f} us  engine {r[1]} {r[2]} err {r[3]:.3g}")
+        print(f"    {r[0] * 1e3:8.1f} us  engine {r[1]} {r[2]} err {r[3]:.3g}")
     return results
+
 
 for first_h, count, d in ((0, 8, 1), (8, 8, 4)):
     qg, kg, vg, og, dog, dqg, dkg, dvg = (cb._group_view(t, first_h, count, d) for t in (q, k, v, out, dout, dq, dk, dv))

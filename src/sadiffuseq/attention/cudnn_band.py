@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from sadiffuseq.attention import patterns
+from sadiffuseq.attention.globals_triton import interpreting
 
 try:  # NVIDIA's cuDNN frontend: optional, only the CUDA path needs it
     import cudnn as _cudnn
@@ -242,8 +243,6 @@ if triton is not None:
 
 def _merge_corner(o: Tensor, lse: Tensor, corner: Tensor, lse_c: Tensor) -> None:
     """:func:`_merge_corner_torch` as one Triton kernel on a CUDA device (or under Triton's CPU interpreter)."""
-    from sadiffuseq.attention.globals_triton import interpreting
-
     if triton is None or not (o.is_cuda or interpreting()) or o.stride(-1) != 1 or lse.stride(-1) != 1:
         return _merge_corner_torch(o, lse, corner, lse_c)
     B, N, H, hd = o.shape

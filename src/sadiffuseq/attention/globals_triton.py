@@ -86,13 +86,15 @@ def _padded(n_global: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _program(HEADS_FAST: tl.constexpr):
-        """(block of positions, batch·head) of this program. The grid's first axis is the one whose neighbours run
+    def _program(H, HEADS_FAST: tl.constexpr):
+        """(block of positions, batch·head, batch, head) of this program. The grid's first axis is the one whose neighbours run
         together: with HEADS_FAST the programs running at once read every head of a few rows, which in the
         token-major layouts (B, L, H, hd) are contiguous; otherwise each reads a run of rows of one head."""
         if HEADS_FAST:
-            return tl.program_id(1), tl.program_id(0)
-        return tl.program_id(0), tl.program_id(1)
+            pid, bh = tl.program_id(1), tl.program_id(0)
+        else:
+            pid, bh = tl.program_id(0), tl.program_id(1)
+        return pid, bh, bh // H, bh % H
 
     @triton.jit
     def _in_band(pos, gpos, dil, window):
@@ -105,8 +107,7 @@ if triton is not None:
                       sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
                       L, H, G, window, scale,
                       BM: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HEADS_FAST: tl.constexpr):
-        pid, bh = _program(HEADS_FAST)
-        b, h = bh // H, bh % H
+        pid, bh, b, h = _program(H, HEADS_FAST)
         m = pid * BM + tl.arange(0, BM)
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
@@ -139,8 +140,7 @@ if triton is not None:
                          L, H, G, window, scale, n_programs,
                          BM: tl.constexpr, SPAN: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                          HEADS_FAST: tl.constexpr):
-        pid, bh = _program(HEADS_FAST)
-        b, h = bh // H, bh % H
+        pid, bh, b, h = _program(H, HEADS_FAST)
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
         gs = g < G
@@ -204,8 +204,7 @@ if triton is not None:
                             BN: tl.constexpr, SPAN: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                             HEADS_FAST: tl.constexpr):
         """The global rows against SPAN blocks of BN keys: running max, sum and weighted values (split-K)."""
-        pid, bh = _program(HEADS_FAST)
-        b, h = bh // H, bh % H
+        pid, bh, b, h = _program(H, HEADS_FAST)
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
         qg = tl.load(QG + (bh * GP + g[:, None]) * D + d[None, :])
