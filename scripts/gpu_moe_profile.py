@@ -17,6 +17,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("tokens", type=int, nargs="?", default=32768)
 parser.add_argument("--compile", default="", help="torch.compile mode for both layers (default: eager)")
 parser.add_argument("--steps", type=int, default=5)
+parser.add_argument("--brief", action="store_true", help="one line per GPU kernel instead of the profiler's table")
 args = parser.parse_args()
 N, steps = args.tokens, args.steps
 cfg = ModelConfig(d_model=768, ffn="moe", moe_experts=8, moe_top_k=2)
@@ -48,4 +49,8 @@ for name, layer in (("dense", DenseFFN(cfg)), ("moe", MoEFFN(cfg))):
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.self_device_time_total for e in kernels) / steps
     print(f"=== {name}, {N} tokens, compile={args.compile or 'eager'}: {gpu_us / 1000:.3f} ms of GPU time per step")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+    if args.brief:  # one line per kernel: GPU time per step, launches per step, name
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:40]:
+            print(f"  {e.self_device_time_total / steps:8.1f} us  x{e.count / steps:4.1f}  {e.key[:110]}")
+    else:
+        print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))

@@ -29,10 +29,10 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
   inverse of the sort (``slot``), with its experts' down-projection biases, weighted by the gates (the sum over
   the k slots accumulates in fp32). Nothing in the forward or backward uses atomic adds or waits for the
   device: every data movement is a gather (the rows from their tokens; a token's input gradient from its k
-  pairs; each sorted row's output gradient from its token), the up projection's bias is an extra row of each
-  expert's weight, met by a ones column of the rows (added inside the matmul, its gradient part of the
-  weight's), the down biases' gradient is the (E × N) gate matrix times the output gradient, and the
-  per-expert counts are a one-hot sum. Dropless, the layer is therefore one graph with static shapes under
+  pairs; each sorted row's output gradient from its token), the up projection's bias is added with the GELU
+  and its gradient summed per expert in the GELU's backward pass (:mod:`sadiffuseq.moe_kernels`: per-expert
+  tiles, their sums added in a fixed order), the down biases' gradient is the (E × N) gate matrix times the
+  output gradient, and the per-expert counts are a one-hot sum. Dropless, the layer is therefore one graph with static shapes under
   ``torch.compile``, and a compiled model traces it into its blocks' graphs.
 * **Capacity** (``moe_capacity_factor = c > 0``): each expert keeps at most ``ceil(c · N · k / E)`` pairs, in
   token order (earlier positions first); the rest are dropped (that expert contributes nothing to that token;
@@ -67,6 +67,7 @@ from torch import nn
 
 from sadiffuseq.config import ModelConfig
 from sadiffuseq.errors import UserError
+from sadiffuseq.moe_kernels import bias_gelu
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -186,6 +187,11 @@ class _GatherPairs(torch.autograd.Function):
     def forward(ctx, x, token, slot, kept, k: int):
         ctx.save_for_backward(slot, kept)
         ctx.k = k
+        if kept is None:
+            # Dropless, every sorted row is one token's pair: each token's row is read once and written to its k
+            # rows (distinct destinations: a plain store), instead of k gathers of the same row.
+            src = x.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.shape[1])
+            return x.new_empty(slot.numel(), x.shape[1]).index_copy(0, slot, src)
         return x.index_select(0, token)
 
     @staticmethod
@@ -198,30 +204,38 @@ class _CombinePairs(torch.autograd.Function):
     """``y[n] = Σ_j gates[n, j] · (rows[slot(n, j)] + bias[experts[n, j]])``: each token's k expert outputs (sorted
     rows, (M, d)) plus their experts' down-projection biases, gate-weighted, back in token order, (N, d).
 
-    One gather-and-reduce each way, no atomics and no (N·k, d) buffer of zeros: the rows' gradient is gathered
-    per sorted row from its token (``gate · grad_y[token]``), the gates' gradient is a dot product per pair, the
-    bias gradient one (E × N)(N × d) product of the gate matrix. Dropped pairs must carry a zero gate.
+    Written slot by slot, so that ``torch.compile`` makes each direction one pass with no (N, k, d) buffer and no
+    atomics. Forward: per token, k gathered rows, summed in fp32. Backward: per *sorted* row m (token t, pair p),
+    the row's gradient ``gates[p] · grad_y[t]`` and its gate's gradient ``(rows[m] + bias[expert[m]]) · grad_y[t]``
+    in the same pass over the same gathered ``grad_y[t]``; the gate gradients then go back to (token, slot) order
+    through ``slot``. The bias gradient is one (E × N)(N × d) product of the gate matrix. Dropped pairs must carry
+    a zero gate.
     """
 
     @staticmethod
-    def forward(ctx, rows, gates, bias, experts, pair, token, slot, kept):
-        ctx.save_for_backward(rows, gates, bias, experts, pair, token, slot, kept)
-        return _CombinePairs.outputs(rows, gates, bias, experts, slot, kept).mul(gates[..., None]).sum(1)
-
-    @staticmethod
-    def outputs(rows, gates, bias, experts, slot, kept):
+    def forward(ctx, rows, gates, bias, experts, expert, pair, token, slot, kept):
+        ctx.save_for_backward(rows, gates, bias, experts, expert, pair, token, slot, kept)
         n, k = gates.shape
-        return _pairs_of_tokens(rows, slot, kept, k) + bias.index_select(0, experts.view(-1)).view(n, k, -1)
+        slots, chosen = slot.view(n, k), experts.view(n, k)
+        y = None
+        for j in range(k):
+            out = rows.index_select(0, slots[:, j]) + bias.index_select(0, chosen[:, j])
+            term = gates[:, j, None].float() * out.float()
+            y = term if y is None else y + term
+        return y.to(rows.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        rows, gates, bias, experts, pair, token, slot, kept = ctx.saved_tensors
-        grad_rows = grad.index_select(0, token) * gates.view(-1).index_select(0, pair)[:, None]
-        outs = _CombinePairs.outputs(rows, gates, bias, experts, slot, kept)
-        grad_gates = (outs * grad[:, None, :]).sum(-1)
+        rows, gates, bias, experts, expert, pair, token, slot, kept = ctx.saved_tensors
+        grad_token = grad.index_select(0, token)
+        grad_rows = grad_token * gates.view(-1).index_select(0, pair)[:, None]
+        dots = ((rows + bias.index_select(0, expert)).float() * grad_token.float()).sum(-1)
+        grad_gates = dots.index_select(0, slot).view_as(gates)
+        if kept is not None:  # a dropped pair's slot points at an unrelated row
+            grad_gates = grad_gates * kept.view_as(gates)
         gate_matrix = torch.zeros(gates.shape[0], bias.shape[0], dtype=grad.dtype, device=grad.device)
         gate_matrix = gate_matrix.scatter(1, experts, gates)
-        return grad_rows, grad_gates, gate_matrix.t() @ grad, None, None, None, None, None
+        return grad_rows, grad_gates.to(gates.dtype), gate_matrix.t() @ grad, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,24 +288,6 @@ class _SegmentBias(torch.autograd.Function):
         return grad, grad_bias, None, None
 
 
-# A ones column, padded with zeros so that rows stay a multiple of 16 bytes wide (``torch._grouped_mm`` needs it).
-ONES_PAD = 8
-
-
-def with_ones_column(x: torch.Tensor) -> torch.Tensor:
-    """(M, K) -> (M, K + ONES_PAD): ``[x, 1, 0, …, 0]``, so that ``with_ones_column(x) @ bias_as_row(w, b)`` is
-    ``x @ w + b``."""
-    return torch.cat([x, x.new_ones(x.shape[0], 1), x.new_zeros(x.shape[0], ONES_PAD - 1)], dim=1)
-
-
-def bias_as_row(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(E, K, H) weights and (E, H) biases -> (E, K + ONES_PAD, H): each expert's bias as an extra row of its
-    weight. The bias is then added inside the matmul (fp32 accumulation) and its gradient comes out of the weight
-    gradient, instead of an (M, H) bias tensor gathered row by row and a separate reduction for its gradient."""
-    pad = w.new_zeros(w.shape[0], ONES_PAD - 1, w.shape[2])
-    return torch.cat([w, b[:, None, :].to(w.dtype), pad], dim=1)
-
-
 def experts_forward(
     x: torch.Tensor,
     expert: torch.Tensor,
@@ -303,19 +299,19 @@ def experts_forward(
     impl: str,
 ) -> torch.Tensor:
     """``GELU(x W_up[e] + b_up[e]) W_down[e] + b_down[e]`` for rows x (M, d) sorted by expert ``expert`` (M,)
-    (``counts[e]`` rows of expert e, contiguous). ``x`` may already carry :func:`with_ones_column`; with
-    ``b_down=None`` the down projection's bias is left to the caller (the layer adds it gate-weighted per token)."""
+    (``counts[e]`` rows of expert e, contiguous). With ``b_down=None`` the down projection's bias is left to the
+    caller (the layer adds it gate-weighted per token). The up projection's bias and the GELU are one autograd node
+    with a fused backward (:mod:`sadiffuseq.moe_kernels`)."""
     if impl == "grouped":
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         mm = lambda a, b: grouped_matmul(a, b, offsets)  # noqa: E731
     elif impl == "loop":
         sizes = counts.tolist()
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
         mm = lambda a, b: loop_matmul(a, b, sizes)  # noqa: E731
     else:
         raise ValueError(f"unknown expert matmul implementation {impl!r}")
-    if x.shape[1] == w_up.shape[1]:
-        x = with_ones_column(x)
-    h = F.gelu(mm(x, bias_as_row(w_up, b_up)))
+    h = bias_gelu(mm(x, w_up), b_up, expert, offsets)
     y = mm(h, w_down)
     return y if b_down is None else _SegmentBias.apply(y, b_down, counts, expert)
 
@@ -495,7 +491,7 @@ class MoEFFN(nn.Module):
         disp = dispatch(r.experts, self.n_experts, cap)
         impl = self.resolve_impl(x.device, dtype, torch.compiler.is_compiling()) if disp.pair.numel() else "loop"
         with torch.autocast(dev, enabled=False):
-            rows = _GatherPairs.apply(with_ones_column(flat.to(dtype)), disp.token, disp.slot, disp.kept, self.top_k)
+            rows = _GatherPairs.apply(flat.to(dtype), disp.token, disp.slot, disp.kept, self.top_k)
             ys = experts_forward(
                 rows, disp.expert, disp.counts, self.w_up.to(dtype), self.b_up.to(dtype), self.w_down.to(dtype), None,
                 impl,
@@ -507,7 +503,7 @@ class MoEFFN(nn.Module):
             # over the k slots accumulates in fp32 inside the reduction, and fp32 copies of the (N, k, d) outputs
             # would double the memory traffic of the combine and of its backward.
             y = _CombinePairs.apply(
-                ys, gates, self.b_down.to(dtype), r.experts, disp.pair, disp.token, disp.slot, disp.kept
+                ys, gates, self.b_down.to(dtype), r.experts, disp.expert, disp.pair, disp.token, disp.slot, disp.kept
             )
         if self.shared is not None:
             y = y + self.shared(flat)

@@ -1,0 +1,107 @@
+"""The MoE layer's fused up-projection bias + GELU (moe_kernels.py) against autograd of the plain expression.
+
+The PyTorch path runs everywhere; the Triton kernels run under Triton's CPU interpreter (started in a process of its
+own by the last test: the interpreter has to be chosen before Triton is imported) and, on a CUDA GPU, in bf16.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sadiffuseq import moe_kernels
+
+CUDA = torch.cuda.is_available()
+
+
+def _problem(counts, width, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    E, M = len(counts), sum(counts)
+    u = (torch.randn(M, width, generator=g) * 2).to(device, dtype)
+    bias = torch.randn(E, width, generator=g).to(device, dtype)
+    grad = torch.randn(M, width, generator=g).to(device, dtype)
+    expert = torch.repeat_interleave(torch.arange(E), torch.tensor(counts)).to(device)
+    ends = torch.tensor(counts).cumsum(0).to(device, torch.int32)
+    return u, bias, grad, expert, ends
+
+
+def _autograd_reference(u, bias, grad, expert):
+    """du, dbias of GELU(u + bias[expert]) by autograd, in fp64."""
+    u64, b64 = u.double().requires_grad_(), bias.double().requires_grad_()
+    F.gelu(u64 + b64[expert]).backward(grad.double())
+    return u64.grad, b64.grad
+
+
+def test_gelu_grad_is_the_derivative_of_torch_gelu():
+    z = torch.linspace(-8, 8, 1001, dtype=torch.float64, requires_grad=True)
+    F.gelu(z).sum().backward()
+    torch.testing.assert_close(moe_kernels.gelu_grad(z.detach()), z.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_bias_gelu_forward_and_torch_backward_match_autograd():
+    u, bias, grad, expert, ends = _problem((5, 0, 9, 3), 24)
+    u_, b_ = u.clone().requires_grad_(), bias.clone().requires_grad_()
+    h = moe_kernels.bias_gelu(u_, b_, expert, ends)
+    torch.testing.assert_close(h, F.gelu(u + bias[expert]))
+    h.backward(grad)
+    want_du, want_db = _autograd_reference(u, bias, grad, expert)
+    torch.testing.assert_close(u_.grad.double(), want_du, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b_.grad.double(), want_db, rtol=1e-5, atol=1e-5)
+    assert torch.all(b_.grad[1] == 0)  # the empty expert
+
+
+# Expert sizes around the tile height (64 rows): empty experts first, in the middle and last, a single row, one
+# full tile, one row more than a tile; widths that are not a multiple of the column block.
+TRITON_CASES = [((0, 70, 0, 129, 1, 64, 0), 200), ((64,), 128), ((3, 200, 65, 1), 40)]
+
+
+@pytest.mark.parametrize("counts, width", TRITON_CASES)
+def test_triton_bias_gelu_backward_matches_autograd(counts, width):
+    """Under Triton's interpreter (started by the test below), fp32 against autograd."""
+    pytest.importorskip("triton")
+    if not moe_kernels.interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_triton_kernels_under_the_interpreter starts it)")
+    u, bias, grad, expert, ends = _problem(counts, width)
+    assert moe_kernels.use_triton(u)
+    du, db = moe_kernels.bias_gelu_backward(grad, u, bias, expert, ends)
+    want_du, want_db = _autograd_reference(u, bias, grad, expert)
+    torch.testing.assert_close(du.double(), want_du, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db.double(), want_db, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_bias_gelu_backward_under_other_launch_settings(monkeypatch):
+    """Other tile shapes only change how the work is split (interpreter)."""
+    pytest.importorskip("triton")
+    if not moe_kernels.interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_triton_kernels_under_the_interpreter starts it)")
+    monkeypatch.setattr(moe_kernels, "BIAS_GELU", dict(ROWS=16, BM=4, BN=32, num_warps=2))
+    monkeypatch.setattr(moe_kernels, "BN_SUM", 16)
+    u, bias, grad, expert, ends = _problem((0, 70, 0, 129, 1, 16, 0), 50)
+    du, db = moe_kernels.bias_gelu_backward(grad, u, bias, expert, ends)
+    want_du, want_db = _autograd_reference(u, bias, grad, expert)
+    torch.testing.assert_close(du.double(), want_du, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db.double(), want_db, rtol=1e-5, atol=1e-4)
+
+
+def test_moe_triton_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    if moe_kernels.interpreting():
+        pytest.skip("already under the interpreter")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_bias_gelu"],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("counts, width", TRITON_CASES + [((8261, 8077, 8118, 7950, 8412, 8339, 8131, 8248), 1536)])
+def test_gpu_bias_gelu_backward_in_bf16(counts, width):
+    u, bias, grad, expert, ends = _problem(counts, width, torch.bfloat16, "cuda")
+    du, db = moe_kernels.bias_gelu_backward(grad, u, bias, expert, ends)
+    want_du, want_db = _autograd_reference(u, bias, grad, expert)
+    torch.testing.assert_close(du.double(), want_du, rtol=2e-2, atol=2e-2)
+    # The bias gradient sums up to thousands of rows: compare relative to the size of the sums.
+    scale = want_db.abs().max()
+    assert (db.double() - want_db).abs().max() <= 1e-2 * scale
