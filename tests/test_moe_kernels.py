@@ -90,7 +90,8 @@ def test_moe_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     if moe_kernels.interpreting():
         pytest.skip("already under the interpreter")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_bias_gelu"],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "triton_bias_gelu"],
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
 

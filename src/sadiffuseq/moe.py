@@ -28,12 +28,13 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
   per expert over its contiguous slice (the same numbers). Each token gathers its k results back through the
   inverse of the sort (``slot``), with its experts' down-projection biases, weighted by the gates (the sum over
   the k slots accumulates in fp32). Nothing in the forward or backward uses atomic adds or waits for the
-  device: every data movement is a gather (the rows from their tokens; a token's input gradient from its k
-  pairs; each sorted row's output gradient from its token), the up projection's bias is added with the GELU
-  and its gradient summed per expert in the GELU's backward pass (:mod:`sadiffuseq.moe_kernels`: per-expert
-  tiles, their sums added in a fixed order), the down biases' gradient is the (E × N) gate matrix times the
-  output gradient, and the per-expert counts are a one-hot sum. Dropless, the layer is therefore one graph with static shapes under
-  ``torch.compile``, and a compiled model traces it into its blocks' graphs.
+  device: every data movement is a gather or a store to distinct rows (dropless, each token's row stored to its
+  k sorted rows; with a capacity, the rows gathered from their tokens; a token's input gradient gathered from
+  its k pairs; each sorted row's output gradient from its token), the up projection's bias is added with the
+  GELU and its gradient summed per expert in the GELU's backward pass (:mod:`sadiffuseq.moe_kernels`:
+  per-expert tiles, their sums added in a fixed order), the down biases' gradient is the (E × N) gate matrix
+  times the output gradient, and the per-expert counts are a one-hot sum. Dropless, the layer is therefore one
+  graph with static shapes under ``torch.compile``, and a compiled model traces it into its blocks' graphs.
 * **Capacity** (``moe_capacity_factor = c > 0``): each expert keeps at most ``ceil(c · N · k / E)`` pairs, in
   token order (earlier positions first); the rest are dropped (that expert contributes nothing to that token;
   the remaining gates are *not* renormalised) and counted in the statistics.
@@ -302,12 +303,11 @@ def experts_forward(
     (``counts[e]`` rows of expert e, contiguous). With ``b_down=None`` the down projection's bias is left to the
     caller (the layer adds it gate-weighted per token). The up projection's bias and the GELU are one autograd node
     with a fused backward (:mod:`sadiffuseq.moe_kernels`)."""
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
     if impl == "grouped":
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
         mm = lambda a, b: grouped_matmul(a, b, offsets)  # noqa: E731
     elif impl == "loop":
         sizes = counts.tolist()
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
         mm = lambda a, b: loop_matmul(a, b, sizes)  # noqa: E731
     else:
         raise ValueError(f"unknown expert matmul implementation {impl!r}")

@@ -8,9 +8,9 @@ expert's up projection is ``h = GELU(u + b[e])`` with ``u`` the output of the gr
 
 Written in PyTorch the bias gradient is a second pass over du (a one-hot matmul, or ``index_add_``'s atomic adds
 onto the same few addresses). :func:`bias_gelu_backward` computes both in one pass over dh and u: the rows are cut
-into tiles of ``ROWS`` rows *per expert* (at most ``cdiv(M, ROWS) + E`` tiles, a static bound), so every tile lies in one
-expert; each program writes its tile's du and the column sum of its tile, and a second small kernel adds up each
-expert's tile sums in a fixed order (deterministic, no atomics). The forward, ``GELU(u + b[e])``, is left to
+into tiles of ``ROWS`` rows *per expert* (at most ``cdiv(M, ROWS) + E`` tiles, a static bound), so every tile lies
+in one expert; each program writes its tile's du and the column sum of its tile, and a second small kernel adds up
+each expert's tile sums in a fixed order (deterministic, no atomics). The forward, ``GELU(u + b[e])``, is left to
 PyTorch, which ``torch.compile`` fuses into one pass.
 
 Keeping the bias out of the matmul keeps its inner dimension at d_model: carried as an extra weight row (against a
@@ -43,7 +43,7 @@ BN_SUM = 64
 
 
 def gelu_grad(z: Tensor) -> Tensor:
-    """The derivative of the exact GELU ``z · Φ(z)``: ``Φ(z) + z · φ(z)`` (Φ, φ: the standard normal's cdf, pdf)."""
+    """The derivative of the exact GELU ``z · Φ(z)``: ``Φ(z) + z · φ(z)`` (the standard normal's cdf and pdf)."""
     return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
 
@@ -95,8 +95,8 @@ if triton is not None:
 
     @triton.jit
     def _expert_tiles(ENDS, E, EP: tl.constexpr, ROWS: tl.constexpr):
-        """Per expert (a vector of EP ≥ E lanes, zero past E): its first row, its end row, its number of tiles of
-        ROWS rows, and one past its last tile in the order of the tiles."""
+        """Per expert (a vector of EP ≥ E lanes, zero past E; returned first): its first row, its end row, its number
+        of tiles of ROWS rows, and one past its last tile in the order of the tiles."""
         idx = tl.arange(0, EP)
         ends = tl.load(ENDS + idx, mask=idx < E, other=0)
         starts = tl.load(ENDS + idx - 1, mask=(idx >= 1) & (idx < E), other=0)
