@@ -351,7 +351,7 @@ def test_checkpointed_blocks_route_like_plain_ones_with_bias_balancing():
         ("--model.moe_layers=3", "model.moe_layers=3 has the wrong type"),
         ("--model.moe_capacity_factor=-1", "model.moe_capacity_factor=-1.0 must not be negative"),
         ("--model.moe_bias_update=-0.1", "model.moe_bias_update=-0.1 must not be negative"),
-        ("--model.moe_impl=fast", "model.moe_impl='fast' is not one of: auto, grouped, loop"),
+        ("--model.moe_impl=fast", "model.moe_impl='fast' is not one of: auto, triton, grouped, loop"),
     ],
 )
 def test_bad_moe_settings_name_the_key(override, expected):

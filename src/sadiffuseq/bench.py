@@ -343,7 +343,7 @@ def bench_moe(lengths: list[int], d_model: int = 768, ffn_mult: float = 4.0, exp
     Per length the row gives ``dense_ms``, ``moe_ms``, ``ratio`` = moe / dense (each call synchronised: latency,
     :func:`cuda_time_ms`), ``dense_queued_ms``, ``moe_queued_ms``, ``queued_ratio`` (calls queued back to back:
     the GPU-bound cost where the host keeps up, :func:`queued_time_ms`), ``impl`` (the expert-matmul
-    implementation the layer resolved to: grouped or loop), and ``dense_tflops`` / ``moe_tflops``: the FLOPs of
+    implementation the layer resolved to: triton, grouped or loop), and ``dense_tflops`` / ``moe_tflops``: the FLOPs of
     :func:`moe_flops` (the two projections, forward + backward) divided by the measured time of the whole layer.
     For the MoE layer that time includes the router, the sort/dispatch, the gathers and the weighted
     gate weighting, so ``moe_tflops`` is a *lower bound* of the rate of the expert matmuls themselves.

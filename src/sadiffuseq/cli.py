@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and of the dense FFN of the same active FLOPs (width --ffn-mult × --d-model) on (--batch, L, --d-model) "
         "inputs, in train mode; bf16 autocast on CUDA, fp32 on the CPU. Reports dense and MoE ms, their ratio (each "
         "call synchronised, and queued back to back: *_queued_ms, queued_ratio), the "
-        "expert-matmul implementation (grouped or loop) and TFLOP/s of the two projections (fwd+bwd) over the "
+        "expert-matmul implementation (triton, grouped or loop) and TFLOP/s of the two projections (fwd+bwd) over the "
         "measured time (for MoE a lower bound: the time includes router and dispatch); moe.csv.\n\n"
         "sample: generate for the same sources with each --samplers sampler:steps pair of CHECKPOINT (a run "
         "directory or checkpoint folder); reports seconds per document, target tokens/s and, with references, BLEU "
@@ -404,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2, help="moe: experts per token (default 2)")
     p.add_argument("--d-model", type=int, default=768, help="moe: model width (default 768)")
     p.add_argument("--ffn-mult", type=float, default=4.0, help="moe: dense FFN width / d-model (default 4)")
-    p.add_argument("--impl", choices=["auto", "grouped", "loop"], default="auto",
-                   help="moe: expert matmuls (default auto: grouped where supported)")
+    p.add_argument("--impl", choices=["auto", "triton", "grouped", "loop"], default="auto",
+                   help="moe: expert matmuls (default auto: the first of triton, grouped, loop that the device and "
+                   "dtype support)")
     p.add_argument("--samplers", default="ddpm:2000,ddpm:200,ddim:50,dpm++2m:10,dpm++2m:20",
                    help="sample: comma-separated sampler:steps pairs (samplers ddpm, ddim, dpm++2m; "
                    "default %(default)s)")

@@ -68,7 +68,9 @@ class ModelConfig:
     moe_aux_weight: float = 0.01  # Switch load-balancing loss weight, per MoE layer
     moe_z_weight: float = 0.001  # router z-loss weight, per MoE layer
     moe_bias_update: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3) bias step per training step; 0: off
-    moe_impl: str = "auto"  # expert matmuls: auto (grouped where supported, else loop), grouped, loop
+    # expert matmuls: auto (triton, else grouped, else loop: the first that the device and dtype support), triton
+    # (moe_gemm.py: Triton grouped matmuls with the GELU and casts fused), grouped (torch._grouped_mm), loop
+    moe_impl: str = "auto"
 
     def validate(self) -> None:
         _positive(self, "d_model", "n_layers", "n_heads", "d_emb", "ffn_mult", "rope_base")
@@ -103,7 +105,7 @@ class ModelConfig:
         _choice(self, "ffn", ("dense", "moe"))
         _positive(self, "moe_experts", "moe_top_k")
         _non_negative(self, "moe_ffn_mult", "moe_capacity_factor", "moe_aux_weight", "moe_z_weight", "moe_bias_update")
-        _choice(self, "moe_impl", ("auto", "grouped", "loop"))
+        _choice(self, "moe_impl", ("auto", "triton", "grouped", "loop"))
         if self.moe_top_k > self.moe_experts:
             raise UserError(
                 f"model.moe_top_k={self.moe_top_k} exceeds model.moe_experts={self.moe_experts}: "

@@ -23,9 +23,9 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
 * **Expert width** ``moe_ffn_mult = 0`` means ``ffn_mult / (top_k + shared)``: every token then costs the same
   FLOPs as the dense FFN (plus the d × E router), so MoE-vs-dense comparisons are at equal active compute.
 * **Dropless dispatch** (``moe_capacity_factor = 0``): the N·k (token, expert) pairs are sorted by expert; per-
-  expert counts give the offsets; each projection is then one grouped matmul (``torch._grouped_mm``) over
-  the sorted rows, or — where that kernel is missing or does not support the dtype/device/shape — one matmul
-  per expert over its contiguous slice (the same numbers). Each token gathers its k results back through the
+  expert counts give the offsets; each projection is then one grouped matmul over the sorted rows — Triton
+  kernels on Hopper GPUs (:mod:`sadiffuseq.moe_gemm`), else ``torch._grouped_mm`` — or, where neither supports
+  the dtype/device/shape, one matmul per expert over its contiguous slice (the same numbers). Each token gathers its k results back through the
   inverse of the sort (``slot``), with its experts' down-projection biases, weighted by the gates (the sum over
   the k slots accumulates in fp32). Nothing in the forward or backward uses atomic adds or waits for the
   device: every data movement is a gather or a store to distinct rows (dropless, each token's row stored to its
@@ -68,6 +68,8 @@ from torch import nn
 
 from sadiffuseq.config import ModelConfig
 from sadiffuseq.errors import UserError
+from sadiffuseq import moe_gemm
+from sadiffuseq.moe_gemm import experts_ffn
 from sadiffuseq.moe_kernels import bias_gelu
 
 
@@ -300,10 +302,17 @@ def experts_forward(
     impl: str,
 ) -> torch.Tensor:
     """``GELU(x W_up[e] + b_up[e]) W_down[e] + b_down[e]`` for rows x (M, d) sorted by expert ``expert`` (M,)
-    (``counts[e]`` rows of expert e, contiguous). With ``b_down=None`` the down projection's bias is left to the
-    caller (the layer adds it gate-weighted per token). The up projection's bias and the GELU are one autograd node
-    with a fused backward (:mod:`sadiffuseq.moe_kernels`)."""
+    (``counts[e]`` rows of expert e, contiguous), in x's dtype (the parameters are cast to it). With ``b_down=None``
+    the down projection's bias is left to the caller (the layer adds it gate-weighted per token).
+
+    ``impl``: ``triton`` — the whole expression as Triton grouped matmuls with the bias, the GELU and the casts fused
+    (:mod:`sadiffuseq.moe_gemm`); ``grouped`` — one ``torch._grouped_mm`` per projection, the up projection's bias
+    and the GELU one autograd node with a fused backward (:mod:`sadiffuseq.moe_kernels`); ``loop`` — one matmul per
+    expert (the reference and the fallback)."""
     offsets = torch.cumsum(counts, 0).to(torch.int32)
+    if impl == "triton":
+        y = experts_ffn(x, w_up, b_up, w_down, expert, offsets)
+        return y if b_down is None else _SegmentBias.apply(y, b_down.to(x.dtype), counts, expert)
     if impl == "grouped":
         mm = lambda a, b: grouped_matmul(a, b, offsets)  # noqa: E731
     elif impl == "loop":
@@ -311,9 +320,9 @@ def experts_forward(
         mm = lambda a, b: loop_matmul(a, b, sizes)  # noqa: E731
     else:
         raise ValueError(f"unknown expert matmul implementation {impl!r}")
-    h = bias_gelu(mm(x, w_up), b_up, expert, offsets)
-    y = mm(h, w_down)
-    return y if b_down is None else _SegmentBias.apply(y, b_down, counts, expert)
+    h = bias_gelu(mm(x, w_up.to(x.dtype)), b_up.to(x.dtype), expert, offsets)
+    y = mm(h, w_down.to(x.dtype))
+    return y if b_down is None else _SegmentBias.apply(y, b_down.to(x.dtype), counts, expert)
 
 
 _GROUPED_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
@@ -375,6 +384,9 @@ def _aligned_for_grouped_mm(dtype: torch.dtype, *widths: int) -> bool:
     return all((w * size) % 16 == 0 for w in widths)
 
 
+# The implementations whose shapes never depend on the routing (no host sync): traceable into one graph.
+STATIC_IMPLS = ("triton", "grouped")
+
 # ---------------------------------------------------------------------------------------------------------
 # The module
 
@@ -423,6 +435,15 @@ class MoEFFN(nn.Module):
         return self._resolved[key]
 
     def _resolve_impl(self, device: torch.device, dtype: torch.dtype, traced: bool) -> str:
+        if self.impl in ("auto", "triton") and moe_gemm.supported(device, dtype, self.d_model, self.hidden):
+            return "triton"
+        if self.impl == "triton":
+            raise UserError(
+                f"model.moe_impl=triton needs Triton and a CUDA GPU of compute capability 9.0 or newer, fp16/bf16, and "
+                f"d_model and the expert width giving rows of whole multiples of 16 bytes (got {dtype} on "
+                f"{torch.device(device).type}, d_model={self.d_model}, expert width={self.hidden}); use "
+                "model.moe_impl=auto, grouped or loop"
+            )
         ok = _aligned_for_grouped_mm(dtype, self.d_model, self.hidden) and grouped_mm_supported(device, dtype)
         if ok and (not traced or grouped_mm_traceable(dtype)):
             return "grouped"
@@ -456,7 +477,7 @@ class MoEFFN(nn.Module):
         # shapes, no host sync, and no exit from the graph (at 8k tokens each exit and re-entry cost more host time
         # than the layer's GPU time). Everything else runs outside the graph.
         if torch.compiler.is_compiling() and self.capacity_factor <= 0:
-            if self._resolved.get((x.device.type, compute_dtype(x), True)) == "grouped":  # resolved by prepare
+            if self._resolved.get((x.device.type, compute_dtype(x), True)) in STATIC_IMPLS:  # resolved by prepare
                 return self.routed_forward(x)
         return self._forward_outside(x)
 
@@ -471,7 +492,7 @@ class MoEFFN(nn.Module):
     def _forward_outside(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled is None:
             return self.routed_forward(x)
-        if self.resolve_impl(x.device, compute_dtype(x), traced=True) != "grouped":
+        if self.resolve_impl(x.device, compute_dtype(x), traced=True) not in STATIC_IMPLS:
             # The loop reads the per-expert counts on the host: under torch.compile a graph break and a recompile
             # for every new set of counts. Eager is the faster way to run it.
             return self.routed_forward(x)
@@ -492,10 +513,7 @@ class MoEFFN(nn.Module):
         impl = self.resolve_impl(x.device, dtype, torch.compiler.is_compiling()) if disp.pair.numel() else "loop"
         with torch.autocast(dev, enabled=False):
             rows = _GatherPairs.apply(flat.to(dtype), disp.token, disp.slot, disp.kept, self.top_k)
-            ys = experts_forward(
-                rows, disp.expert, disp.counts, self.w_up.to(dtype), self.b_up.to(dtype), self.w_down.to(dtype), None,
-                impl,
-            )
+            ys = experts_forward(rows, disp.expert, disp.counts, self.w_up, self.b_up, self.w_down, None, impl)
             gates = r.gates.to(dtype)
             if disp.kept is not None:  # a dropped pair contributes nothing, its expert's bias included
                 gates = gates * disp.kept.view(n, self.top_k).to(dtype)

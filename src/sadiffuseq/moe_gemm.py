@@ -1,0 +1,259 @@
+"""The MoE layer's expert matmuls as Triton grouped matmuls, and the experts' feed-forward built on them.
+
+The rows are sorted by expert (``counts[e]`` contiguous rows of expert e, ``ends = cumsum(counts)``); expert e
+computes ``y = GELU(x W_up[e] + b_up[e]) W_down[e]``. :class:`TritonExperts` is that expression, forward and
+backward, on kernels of two kinds:
+
+* **Row-grouped** (:func:`_rows_kernel`): ``C[rows of e] = A[rows of e] · B[e]`` (or ``· B[e]ᵀ``). The rows are cut
+  into tiles of BM rows *per expert*, every tile multiplied by its own expert's weights; rows past an expert's end
+  inside its last tile are computed but not stored. Either one program per (row tile, column tile) over the static
+  bound ``cdiv(M, BM) + E`` of the row tiles, or one persistent program per multiprocessor looping over the tiles
+  that hold rows (counted on the device), optionally warp-specialised (Triton splits the tile loads, the
+  tensor-core work and the stores between warps, so that one tile's stores overlap the next tile's loads).
+  Nothing waits for the host either way: the launch can be captured in a CUDA graph.
+* **Weight-gradient** (:func:`_weights_kernel`): ``dW[e] = A[rows of e]ᵀ · G[rows of e]``, a reduction over each
+  expert's rows, written straight in the parameters' dtype (fp32 in mixed precision): no bf16 result to cast.
+
+Around them: the bias + GELU forward is left to PyTorch (``torch.compile`` fuses it into one pass), its backward
+with the bias gradient is :func:`sadiffuseq.moe_kernels.bias_gelu_backward`. Fusing the GELU into the matmuls'
+epilogues was measured slower: without the overlap of warp specialisation (which Triton 3.6 did not compile with
+those epilogues) the GELU's arithmetic runs while the tensor cores idle (docs/benchmarks.md).
+
+What this gains over ``torch._grouped_mm`` (PyTorch 2.11 runs one CUTLASS configuration on sm90 whatever the
+shapes, plus a setup kernel per call): launch settings chosen per matmul on an H100, persistent warp-specialised
+programs, and weight gradients without the casts.
+
+The operands are read through tensor descriptors (TMA on Hopper GPUs): rows and columns past a tensor's edge read
+as zero, so any widths work whose row strides are multiples of 16 bytes. Needs Triton on a GPU of compute
+capability 9.0 or newer (:func:`supported`); the tests run the kernels through Triton's CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sadiffuseq.attention.globals_triton import interpreting, triton
+from sadiffuseq.moe_kernels import bias_gelu_backward
+
+if triton is not None:
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from sadiffuseq.moe_kernels import _expert_tiles
+
+# Launch settings per matmul: (BM, BN, BK) the tile, warps, software-pipeline stages, GROUP_M (how many row tiles
+# are launched together over all column tiles: they share their rows in L2) and, for the row-grouped kernel, the
+# grid: 0 a program per tile, 1 persistent, 2 persistent and warp-specialised. Chosen on an H100 at the layer's
+# shapes (8 experts, top-2, d 768, width 1536, 8k and 32k tokens; scripts/gpu_tune_moe_gemm.py).
+LAUNCH = {
+    "up": (128, 256, 64, 8, 3, 8, 1),  # x · W_up
+    "down": (128, 256, 64, 8, 3, 4, 2),  # h · W_down
+    "down_input_grad": (128, 256, 64, 8, 3, 16, 2),  # dy · W_downᵀ
+    "up_input_grad": (128, 256, 64, 8, 4, 8, 1),  # du · W_upᵀ
+    "weight_grad": (128, 128, 64, 8, 4, 8),  # xᵀ · du and hᵀ · dy
+}
+
+
+def supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
+    """Whether :class:`TritonExperts` runs on this device and dtype: Triton, a CUDA GPU of compute capability ≥ 9.0
+    (tensor descriptors) and fp16/bf16 — or the CPU and fp32 under Triton's interpreter (whose tensor-descriptor
+    loads of bf16 data give garbage, Triton 3.9) — with row strides (``widths`` elements) of whole multiples of 16
+    bytes."""
+    device = torch.device(device)
+    if triton is None:
+        return False
+    if interpreting():
+        ok = device.type == "cpu" and dtype == torch.float32
+    else:
+        ok = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+              and torch.cuda.get_device_capability(device) >= (9, 0))
+    size = torch.empty((), dtype=dtype).element_size()
+    return ok and all((w * size) % 16 == 0 for w in widths)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _swizzle(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+        """Program id to (row tile, column tile), GROUP_M row tiles at a time over every column tile."""
+        width = GROUP_M * tiles_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+    @triton.jit
+    def _rows_tile(A_desc, B_desc, C, M, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TRANS_B: tl.constexpr):
+        # This tile's expert: the number of experts whose tiles all come before it (past the last tile: e = E, no
+        # row is valid and the loop below does not run).
+        e = tl.sum((last <= pid_m).to(tl.int32), 0)
+        this = idx == e
+        first_tile = tl.sum(tl.where(this, last - tiles, 0), 0)
+        row0 = tl.sum(tl.where(this, starts, 0), 0) + (pid_m - first_tile) * BM
+        end = tl.sum(tl.where(this, ends, 0), 0)
+        k_stop = tl.where(e < E, K, 0)
+        eb = tl.minimum(e, E - 1)
+        n0 = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, k_stop, BK):
+            a = A_desc.load([row0, k])
+            if TRANS_B:  # B holds W (E, N, K): the tile of W[e] at (n0, k), used transposed
+                acc = tl.dot(a, B_desc.load([eb * N + n0, k]).T, acc)
+            else:  # B holds W (E, K, N)
+                acc = tl.dot(a, B_desc.load([eb * K + k, n0]), acc)
+        rows = row0 + tl.arange(0, BM)
+        cols = n0 + tl.arange(0, BN)
+        mask = (rows < end)[:, None] & (cols < N)[None, :]
+        tl.store(C + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rows_kernel(A_desc, B_desc, C, ENDS, M, N, K, E,
+                     EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                     TRANS_B: tl.constexpr):
+        """One program per (row tile, column tile), over the static bound of the row tiles."""
+        tiles_m = tl.cdiv(M, BM) + E
+        pid_m, pid_n = _swizzle(tl.program_id(0), tiles_m, tl.cdiv(N, BN), GROUP_M)
+        idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, BM)
+        _rows_tile(A_desc, B_desc, C, M, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last, BM, BN, BK, TRANS_B)
+
+    @triton.jit
+    def _rows_persistent_kernel(A_desc, B_desc, C, ENDS, M, N, K, E,
+                                EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                GROUP_M: tl.constexpr, TRANS_B: tl.constexpr, PROGRAMS: tl.constexpr,
+                                WARP_SPECIALIZE: tl.constexpr):
+        """PROGRAMS programs (one per multiprocessor) loop over the row tiles that hold rows (read on the device)."""
+        idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, BM)
+        tiles_m = tl.sum(tiles, 0)
+        tiles_n = tl.cdiv(N, BN)
+        for t in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, warp_specialize=WARP_SPECIALIZE):
+            pid_m, pid_n = _swizzle(t, tiles_m, tiles_n, GROUP_M)
+            _rows_tile(A_desc, B_desc, C, M, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last, BM, BN, BK,
+                       TRANS_B)
+
+    @triton.jit
+    def _weights_kernel(A_desc, G_desc, A, G, W, ENDS, KA, N,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(KA, BM), tl.cdiv(N, BN), GROUP_M)
+        e = tl.program_id(1)
+        start = tl.load(ENDS + e - 1, mask=e > 0, other=0)
+        end = tl.load(ENDS + e)
+        ka0, n0 = pid_m * BM, pid_n * BN
+        ka = ka0 + tl.arange(0, BM)
+        cols = n0 + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        n_full = (end - start) // BK
+        for i in range(0, n_full):  # whole chunks of BK rows of this expert, through the descriptors
+            r = start + i * BK
+            acc = tl.dot(A_desc.load([r, ka0]).T, G_desc.load([r, n0]), acc)
+        tail = start + n_full * BK
+        if tail < end:  # the last, partial chunk: rows past the expert's end must read as zero
+            rr = tail + tl.arange(0, BK)
+            inside = rr < end
+            a = tl.load(A + rr.to(tl.int64)[None, :] * KA + ka[:, None], mask=inside[None, :] & (ka < KA)[:, None],
+                        other=0.0)
+            g = tl.load(G + rr.to(tl.int64)[:, None] * N + cols[None, :], mask=inside[:, None] & (cols < N)[None, :],
+                        other=0.0)
+            acc = tl.dot(a, g, acc)
+        mask = (ka < KA)[:, None] & (cols < N)[None, :]
+        tl.store(W + e.to(tl.int64) * KA * N + ka[:, None] * N + cols[None, :], acc.to(W.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers, as custom ops (torch.compile keeps each one opaque call)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+@torch.library.custom_op("sadiffuseq::moe_gmm", mutates_args=())
+def grouped_mm(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str) -> Tensor:
+    """``a[rows of e] · w[e]`` (w: (E, K, N)), or with ``trans_b`` ``a[rows of e] · w[e]ᵀ`` (w: (E, N, K)), with the
+    launch settings ``LAUNCH[launch]``."""
+    a, w = a.contiguous(), w.contiguous()
+    M, K = a.shape
+    E = w.shape[0]
+    N = w.shape[1] if trans_b else w.shape[2]
+    BM, BN, BK, warps, stages, group_m, grid = LAUNCH[launch]
+    c = a.new_empty(M, N)
+    a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
+    b_desc = TensorDescriptor.from_tensor(w.view(-1, w.shape[2]), [BN, BK] if trans_b else [BK, BN])
+    args = (a_desc, b_desc, c, ends, M, N, K, E)
+    meta = dict(EP=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK, GROUP_M=group_m, TRANS_B=trans_b,
+                num_warps=warps, num_stages=stages)
+    if grid:
+        programs = _multiprocessors(a.device)
+        _rows_persistent_kernel[(programs,)](*args, **meta, PROGRAMS=programs, WARP_SPECIALIZE=grid == 2)
+    else:  # every expert's last tile may be partial: cdiv(M, BM) + E row tiles at most
+        _rows_kernel[((triton.cdiv(M, BM) + E) * triton.cdiv(N, BN),)](*args, **meta)
+    return c
+
+
+@grouped_mm.register_fake
+def _(a, w, ends, trans_b, launch):
+    return a.new_empty(a.shape[0], w.shape[1] if trans_b else w.shape[2])
+
+
+@torch.library.custom_op("sadiffuseq::moe_gmm_weight_grad", mutates_args=())
+def grouped_weight_grad(a: Tensor, g: Tensor, ends: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``a[rows of e]ᵀ · g[rows of e]`` for every expert e: (E, a.shape[1], g.shape[1]) in ``out_dtype``."""
+    a, g = a.contiguous(), g.contiguous()
+    KA, N, E = a.shape[1], g.shape[1], ends.shape[0]
+    BM, BN, BK, warps, stages, group_m = LAUNCH["weight_grad"]
+    w = torch.empty(E, KA, N, dtype=out_dtype, device=a.device)
+    a_desc = TensorDescriptor.from_tensor(a, [BK, BM])
+    g_desc = TensorDescriptor.from_tensor(g, [BK, BN])
+    _weights_kernel[(triton.cdiv(KA, BM) * triton.cdiv(N, BN), E)](
+        a_desc, g_desc, a, g, w, ends, KA, N, BM=BM, BN=BN, BK=BK, GROUP_M=group_m, num_warps=warps,
+        num_stages=stages)
+    return w
+
+
+@grouped_weight_grad.register_fake
+def _(a, g, ends, out_dtype):
+    return torch.empty(ends.shape[0], a.shape[1], g.shape[1], dtype=out_dtype, device=a.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The experts' feed-forward
+
+
+class TritonExperts(torch.autograd.Function):
+    """``GELU(rows[e] · W_up[e] + b_up[e]) · W_down[e]`` for rows sorted by expert (``expert``: each row's expert,
+    ``ends = cumsum(counts)``, int32).
+
+    The parameters come in their own dtype (fp32 in mixed precision) and are cast to the rows' dtype here, so that
+    the weight gradients leave in the parameters' dtype straight from the kernels. Saved for the backward: the rows,
+    the cast weights, the up projection's output and the activation (what a dense FFN keeps too)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, w_up: Tensor, b_up: Tensor, w_down: Tensor, expert: Tensor, ends: Tensor) -> Tensor:
+        dtype = rows.dtype
+        wu, wd, bu = w_up.to(dtype), w_down.to(dtype), b_up.to(dtype)
+        u = torch.ops.sadiffuseq.moe_gmm(rows, wu, ends, False, "up")
+        h = F.gelu(u + bu.index_select(0, expert))
+        ctx.save_for_backward(rows, wu, bu, wd, u, h, expert, ends)
+        ctx.dtypes = (w_up.dtype, b_up.dtype, w_down.dtype)
+        return torch.ops.sadiffuseq.moe_gmm(h, wd, ends, False, "down")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, wu, bu, wd, u, h, expert, ends = ctx.saved_tensors
+        w_up_dtype, b_up_dtype, w_down_dtype = ctx.dtypes
+        grad = grad.contiguous()
+        dh = torch.ops.sadiffuseq.moe_gmm(grad, wd, ends, True, "down_input_grad")
+        d_w_down = torch.ops.sadiffuseq.moe_gmm_weight_grad(h, grad, ends, w_down_dtype)
+        du, d_b_up = bias_gelu_backward(dh, u, bu, expert, ends)
+        d_rows = torch.ops.sadiffuseq.moe_gmm(du, wu, ends, True, "up_input_grad") if ctx.needs_input_grad[0] else None
+        d_w_up = torch.ops.sadiffuseq.moe_gmm_weight_grad(rows, du, ends, w_up_dtype)
+        return d_rows, d_w_up, d_b_up.to(b_up_dtype), d_w_down, None, None
+
+
+def experts_ffn(rows: Tensor, w_up: Tensor, b_up: Tensor, w_down: Tensor, expert: Tensor, ends: Tensor) -> Tensor:
+    """:class:`TritonExperts` (the down projection's bias is the caller's: the layer adds it gate-weighted)."""
+    return TritonExperts.apply(rows, w_up, b_up, w_down, expert, ends)

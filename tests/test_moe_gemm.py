@@ -1,0 +1,147 @@
+"""The MoE layer's Triton grouped matmuls (moe_gemm.py) against per-row references in float64.
+
+The kernels run under Triton's CPU interpreter in fp32 (started in a process of its own by
+``test_moe_gemm_under_the_interpreter``: the interpreter has to be chosen before Triton is imported) and, on a
+CUDA GPU of compute capability 9.0 or newer, in bf16.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sadiffuseq import moe_gemm
+from sadiffuseq.moe_kernels import interpreting
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+# Expert sizes around the small test tiles (16 rows): empty experts first, in the middle and last, a single row,
+# one full tile, one row more than a tile; widths that are not multiples of the column or inner blocks.
+CASES = [((0, 37, 0, 17, 1, 16, 0), 24, 40), ((16,), 32, 16), ((3, 50, 33, 1), 8, 56)]
+SMALL = (16, 16, 16, 2, 2, 2)
+
+
+def _launch(rows, weights=SMALL[:6]):
+    """Launch settings with every row-grouped matmul on ``rows``."""
+    return {op: weights if op == "weight_grad" else rows for op in moe_gemm.LAUNCH}
+
+
+def _problem(counts, d, H, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    E, M = len(counts), sum(counts)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+    t = dict(rows=rnd(M, d), w_up=rnd(E, d, H, scale=d**-0.5), b_up=rnd(E, H), w_down=rnd(E, H, d, scale=H**-0.5),
+             grad=rnd(M, d))
+    expert = torch.repeat_interleave(torch.arange(E), torch.tensor(counts)).to(device)
+    ends = torch.tensor(counts).cumsum(0).to(device, torch.int32)
+    return t, expert, ends
+
+
+def _reference(t, counts):
+    """Output and gradients of the experts' FFN by autograd in float64, one matmul per expert."""
+    p = {name: v.detach().double().requires_grad_(name != "grad") for name, v in t.items()}
+    rows = p["rows"].split(list(counts))
+    y = torch.cat([F.gelu(rows[e] @ p["w_up"][e] + p["b_up"][e]) @ p["w_down"][e] for e in range(len(counts))])
+    y.backward(p["grad"])
+    return y.detach(), {name: p[name].grad for name in ("rows", "w_up", "b_up", "w_down")}
+
+
+def _run_triton(t, ends, param_dtype, expert):
+    """experts_ffn with the parameters in their own dtype (as an fp32 model in mixed precision has them)."""
+    leaves = {"rows": t["rows"].clone().requires_grad_()}
+    leaves.update({name: t[name].to(param_dtype).clone().requires_grad_() for name in ("w_up", "b_up", "w_down")})
+    y = moe_gemm.experts_ffn(leaves["rows"], leaves["w_up"], leaves["b_up"], leaves["w_down"], expert, ends)
+    y.backward(t["grad"])
+    return y, leaves
+
+
+def _check_against_reference(counts, d, H):
+    t, expert, ends = _problem(counts, d, H)
+    y, leaves = _run_triton(t, ends, torch.float32, expert)
+    want_y, want = _reference(t, counts)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    for name, g in want.items():
+        torch.testing.assert_close(leaves[name].grad.double(), g, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def _under_interpreter():
+    pytest.importorskip("triton")
+    if not interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_gemm_under_the_interpreter starts it)")
+
+
+@pytest.mark.parametrize("counts, d, H", CASES)
+def test_triton_experts_match_the_per_row_reference(monkeypatch, counts, d, H):
+    """Output and all four gradients (the up bias's from the fused per-tile column sums); fp32 leaves."""
+    _under_interpreter()
+    monkeypatch.setattr(moe_gemm, "LAUNCH", _launch(SMALL + (0,)))
+    t, expert, ends = _problem(counts, d, H)
+    assert moe_gemm.supported(torch.device("cpu"), torch.float32, d, H)
+    y, leaves = _run_triton(t, ends, torch.float32, expert)
+    want_y, want = _reference(t, counts)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    for name, g in want.items():
+        assert leaves[name].grad.dtype == torch.float32
+        torch.testing.assert_close(leaves[name].grad.double(), g, rtol=1e-5, atol=1e-4, msg=name)
+    assert all(leaves["w_up"].grad[e].abs().sum() == 0 for e, c in enumerate(counts) if c == 0)  # empty experts
+
+
+def test_triton_experts_under_other_tiles(monkeypatch):
+    """Other tile shapes, one per kernel, only change how the work is split (the row tiles taller than some experts,
+    an inner block wider than d)."""
+    _under_interpreter()
+    monkeypatch.setattr(moe_gemm, "LAUNCH", {"up": (32, 16, 16, 2, 2, 2, 0), "down": (16, 32, 32, 2, 2, 2, 0),
+                                             "down_input_grad": (32, 32, 16, 2, 2, 1, 0),
+                                             "up_input_grad": (16, 16, 32, 2, 2, 4, 0),
+                                             "weight_grad": (32, 16, 32, 2, 2, 1)})
+    _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
+
+
+@pytest.mark.parametrize("grid", [1, 2])
+def test_triton_experts_on_persistent_programs(monkeypatch, grid):
+    """Persistent programs (4 on the CPU) looping over the row tiles that hold rows, with and without warp
+    specialisation (which the interpreter ignores: the same loop)."""
+    _under_interpreter()
+    monkeypatch.setattr(moe_gemm, "LAUNCH", _launch(SMALL + (grid,)))
+    _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
+
+
+def test_moe_gemm_under_the_interpreter():
+    pytest.importorskip("triton")
+    if interpreting():
+        pytest.skip("already under the interpreter")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "triton_ and not gpu"],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_supported_says_no_without_a_hopper_gpu_or_with_unaligned_rows():
+    assert not moe_gemm.supported(torch.device("cpu"), torch.bfloat16, 768, 1536)  # never bf16 on the CPU
+    if not interpreting():
+        assert not moe_gemm.supported(torch.device("cpu"), torch.float32, 768, 1536)
+    if HOPPER:
+        assert moe_gemm.supported(torch.device("cuda"), torch.bfloat16, 768, 1536)
+        assert not moe_gemm.supported(torch.device("cuda"), torch.bfloat16, 768, 1537)  # 3074-byte rows
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a CUDA GPU of compute capability 9.0 or newer")
+@pytest.mark.parametrize("counts, d, H", [((0, 370, 0, 129, 1, 128, 0), 64, 200),
+                                          ((2067, 1985, 2044, 2085, 1948, 2088, 2010, 2157), 768, 1536)])
+def test_gpu_triton_experts_in_bf16(counts, d, H):
+    """The launch settings of the layer (LAUNCH), bf16 rows and fp32 parameters, against float64."""
+    t, expert, ends = _problem(counts, d, H, torch.bfloat16, "cuda")
+    y, leaves = _run_triton(t, ends, torch.float32, expert)
+    want_y, want = _reference(t, counts)
+    assert y.dtype == torch.bfloat16
+    # Relative to the size of each result (the weight and bias gradients sum over up to 2,000 rows).
+    assert (y.double() - want_y).abs().max() <= 2e-2 * want_y.abs().max()
+    for name, g in want.items():
+        assert leaves[name].grad.dtype == (torch.bfloat16 if name == "rows" else torch.float32)
+        assert (leaves[name].grad.double() - g).abs().max() <= 2e-2 * g.abs().max(), name
