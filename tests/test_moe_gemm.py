@@ -145,3 +145,40 @@ def test_gpu_triton_experts_in_bf16(counts, d, H):
     for name, g in want.items():
         assert leaves[name].grad.dtype == (torch.bfloat16 if name == "rows" else torch.float32)
         assert (leaves[name].grad.double() - g).abs().max() <= 2e-2 * g.abs().max(), name
+
+
+def test_probe_rejects_kernels_that_fail_or_disagree(monkeypatch):
+    """works() compares the Triton path with a per-expert loop: a path that raises or gives other numbers is
+    rejected (the probe's own logic; the loop side is plain PyTorch, so this runs anywhere)."""
+    def wrong(x, w_up, b_up, w_down, expert, ends):
+        return torch.zeros(x.shape[0], w_down.shape[2], dtype=x.dtype).requires_grad_()
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed")
+
+    for fake in (wrong, broken):
+        monkeypatch.setattr(moe_gemm, "experts_ffn", fake)
+        assert not moe_gemm._probe(torch.device("cpu"), torch.float32)
+
+    def exact(x, w_up, b_up, w_down, expert, ends):  # the same expression, row by row
+        z = torch.einsum("md,mdh->mh", x, w_up[expert]) + b_up[expert]
+        return torch.einsum("mh,mhd->md", F.gelu(z), w_down[expert])
+
+    monkeypatch.setattr(moe_gemm, "experts_ffn", exact)
+    assert moe_gemm._probe(torch.device("cpu"), torch.float32)
+
+
+def test_layer_falls_back_when_the_kernels_do_not_work(monkeypatch):
+    """auto takes the next implementation; an explicit moe_impl=triton says what failed."""
+    from sadiffuseq.config import ModelConfig
+    from sadiffuseq.errors import UserError
+    from sadiffuseq.moe import MoEFFN
+
+    monkeypatch.setattr(moe_gemm, "supported", lambda *args: True)
+    monkeypatch.setattr(moe_gemm, "works", lambda *args: False)
+    cfg = dict(d_model=16, n_heads=1, ffn="moe", moe_experts=4, moe_top_k=2)
+    assert MoEFFN(ModelConfig(**cfg, moe_impl="auto")).resolve_impl(torch.device("cpu"), torch.float32) != "triton"
+    with pytest.raises(UserError, match="failed to build or to match"):
+        MoEFFN(ModelConfig(**cfg, moe_impl="triton")).resolve_impl(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(moe_gemm, "works", lambda *args: True)
+    assert MoEFFN(ModelConfig(**cfg, moe_impl="triton")).resolve_impl(torch.device("cpu"), torch.float32) == "triton"

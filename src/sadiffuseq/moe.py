@@ -378,6 +378,10 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     return all(torch.allclose(u, v, rtol=tol, atol=tol * 10) for u, v in zip(*results))
 
 
+def triton_version() -> str:
+    return getattr(moe_gemm.triton, "__version__", "not installed")
+
+
 def _aligned_for_grouped_mm(dtype: torch.dtype, *widths: int) -> bool:
     """The grouped kernel wants every row stride to be a multiple of 16 bytes."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -436,7 +440,14 @@ class MoEFFN(nn.Module):
 
     def _resolve_impl(self, device: torch.device, dtype: torch.dtype, traced: bool) -> str:
         if self.impl in ("auto", "triton") and moe_gemm.supported(device, dtype, self.d_model, self.hidden):
-            return "triton"
+            if moe_gemm.works(device, dtype):
+                return "triton"
+            if self.impl == "triton":
+                raise UserError(
+                    f"model.moe_impl=triton: the Triton expert kernels failed to build or to match a per-expert loop "
+                    f"for {dtype} on {torch.device(device).type} (Triton {triton_version()}); use model.moe_impl=auto, "
+                    "grouped or loop"
+                )
         if self.impl == "triton":
             raise UserError(
                 f"model.moe_impl=triton needs Triton and a CUDA GPU of compute capability 9.0 or newer, fp16/bf16, and "

@@ -73,6 +73,47 @@ def supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
     return ok and all((w * size) % 16 == 0 for w in widths)
 
 
+_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+@torch.compiler.disable
+def works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :class:`TritonExperts` compiles and gives a per-expert loop's numbers, output and gradients, on this
+    device type and dtype with the launch settings of :data:`LAUNCH` (probed once on a small problem with an empty
+    expert, then cached): a Triton release that cannot build one of the kernels (warp specialisation, say) makes
+    ``model.moe_impl: auto`` fall back instead of failing."""
+    key = (torch.device(device).type, dtype)
+    if key not in _WORKS:
+        _WORKS[key] = _probe(torch.device(device), dtype)
+    return _WORKS[key]
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    g = torch.Generator().manual_seed(0)
+    counts, d, H = (70, 0, 200), 64, 128
+    rows = torch.randn(sum(counts), d, generator=g).to(device, dtype)
+    params = [torch.randn(*shape, generator=g) * 0.1 for shape in ((3, d, H), (3, H), (3, H, d))]
+    expert = torch.repeat_interleave(torch.arange(3), torch.tensor(counts)).to(device)
+    ends = torch.tensor(counts).cumsum(0).to(device, torch.int32)
+    results = []
+    try:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            for triton_path in (True, False):
+                x = rows.clone().requires_grad_()
+                w_up, b_up, w_down = (p.to(device).requires_grad_() for p in params)
+                if triton_path:
+                    y = experts_ffn(x, w_up, b_up, w_down, expert, ends)
+                else:
+                    parts = x.float().split(list(counts))
+                    y = torch.cat([F.gelu(parts[e] @ w_up[e] + b_up[e]) @ w_down[e] for e in range(3)])
+                y.float().square().sum().backward()
+                results.append([t.float().cpu() for t in (y, x.grad, w_up.grad, b_up.grad, w_down.grad)])
+    except Exception:  # noqa: BLE001 (a kernel that does not build or launch here: use another implementation)
+        return False
+    tol = 3e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    return all((u - v).abs().max() <= tol * v.abs().max() for u, v in zip(*results))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
 
