@@ -69,7 +69,7 @@ class ModelConfig:
     moe_z_weight: float = 0.001  # router z-loss weight, per MoE layer
     moe_bias_update: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3) bias step per training step; 0: off
     # expert matmuls: auto (triton, else grouped, else loop: the first that the device and dtype support), triton
-    # (moe_gemm.py: Triton grouped matmuls with the GELU and casts fused), grouped (torch._grouped_mm), loop
+    # (moe_gemm.py: Triton grouped matmuls, weight gradients in fp32), grouped (torch._grouped_mm), loop
     moe_impl: str = "auto"
 
     def validate(self) -> None:

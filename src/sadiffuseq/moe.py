@@ -66,9 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sadiffuseq import moe_gemm
 from sadiffuseq.config import ModelConfig
 from sadiffuseq.errors import UserError
-from sadiffuseq import moe_gemm
 from sadiffuseq.moe_gemm import experts_ffn
 from sadiffuseq.moe_kernels import bias_gelu
 
@@ -305,23 +305,23 @@ def experts_forward(
     (``counts[e]`` rows of expert e, contiguous), in x's dtype (the parameters are cast to it). With ``b_down=None``
     the down projection's bias is left to the caller (the layer adds it gate-weighted per token).
 
-    ``impl``: ``triton`` — the whole expression as Triton grouped matmuls with the bias, the GELU and the casts fused
+    ``impl``: ``triton`` — Triton grouped matmuls, the weight gradients written in the parameters' dtype
     (:mod:`sadiffuseq.moe_gemm`); ``grouped`` — one ``torch._grouped_mm`` per projection, the up projection's bias
     and the GELU one autograd node with a fused backward (:mod:`sadiffuseq.moe_kernels`); ``loop`` — one matmul per
     expert (the reference and the fallback)."""
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     if impl == "triton":
         y = experts_ffn(x, w_up, b_up, w_down, expert, offsets)
-        return y if b_down is None else _SegmentBias.apply(y, b_down.to(x.dtype), counts, expert)
-    if impl == "grouped":
-        mm = lambda a, b: grouped_matmul(a, b, offsets)  # noqa: E731
-    elif impl == "loop":
-        sizes = counts.tolist()
-        mm = lambda a, b: loop_matmul(a, b, sizes)  # noqa: E731
     else:
-        raise ValueError(f"unknown expert matmul implementation {impl!r}")
-    h = bias_gelu(mm(x, w_up.to(x.dtype)), b_up.to(x.dtype), expert, offsets)
-    y = mm(h, w_down.to(x.dtype))
+        if impl == "grouped":
+            mm = lambda a, b: grouped_matmul(a, b, offsets)  # noqa: E731
+        elif impl == "loop":
+            sizes = counts.tolist()
+            mm = lambda a, b: loop_matmul(a, b, sizes)  # noqa: E731
+        else:
+            raise ValueError(f"unknown expert matmul implementation {impl!r}")
+        h = bias_gelu(mm(x, w_up.to(x.dtype)), b_up.to(x.dtype), expert, offsets)
+        y = mm(h, w_down.to(x.dtype))
     return y if b_down is None else _SegmentBias.apply(y, b_down.to(x.dtype), counts, expert)
 
 
@@ -376,16 +376,6 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
     return all(torch.allclose(u, v, rtol=tol, atol=tol * 10) for u, v in zip(*results))
-
-
-def triton_version() -> str:
-    return getattr(moe_gemm.triton, "__version__", "not installed")
-
-
-def _aligned_for_grouped_mm(dtype: torch.dtype, *widths: int) -> bool:
-    """The grouped kernel wants every row stride to be a multiple of 16 bytes."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return all((w * size) % 16 == 0 for w in widths)
 
 
 # The implementations whose shapes never depend on the routing (no host sync): traceable into one graph.
@@ -445,7 +435,7 @@ class MoEFFN(nn.Module):
             if self.impl == "triton":
                 raise UserError(
                     f"model.moe_impl=triton: the Triton expert kernels failed to build or to match a per-expert loop "
-                    f"for {dtype} on {torch.device(device).type} (Triton {triton_version()}); use model.moe_impl=auto, "
+                    f"for {dtype} on {torch.device(device).type} (Triton {getattr(moe_gemm.triton, '__version__', None)}); use model.moe_impl=auto, "
                     "grouped or loop"
                 )
         if self.impl == "triton":
@@ -455,7 +445,7 @@ class MoEFFN(nn.Module):
                 f"{torch.device(device).type}, d_model={self.d_model}, expert width={self.hidden}); use "
                 "model.moe_impl=auto, grouped or loop"
             )
-        ok = _aligned_for_grouped_mm(dtype, self.d_model, self.hidden) and grouped_mm_supported(device, dtype)
+        ok = moe_gemm.rows_aligned(dtype, self.d_model, self.hidden) and grouped_mm_supported(device, dtype)
         if ok and (not traced or grouped_mm_traceable(dtype)):
             return "grouped"
         if self.impl == "grouped":

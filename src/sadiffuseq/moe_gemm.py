@@ -69,8 +69,14 @@ def supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
     else:
         ok = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
               and torch.cuda.get_device_capability(device) >= (9, 0))
+    return ok and rows_aligned(dtype, *widths)
+
+
+def rows_aligned(dtype: torch.dtype, *widths: int) -> bool:
+    """Whether rows ``widths`` elements wide are whole multiples of 16 bytes (what tensor descriptors and
+    ``torch._grouped_mm`` ask of row strides)."""
     size = torch.empty((), dtype=dtype).element_size()
-    return ok and all((w * size) % 16 == 0 for w in widths)
+    return all((w * size) % 16 == 0 for w in widths)
 
 
 _WORKS: dict[tuple[str, torch.dtype], bool] = {}
@@ -128,7 +134,7 @@ if triton is not None:
         return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.jit
-    def _rows_tile(A_desc, B_desc, C, M, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last,
+    def _rows_tile(A_desc, B_desc, C, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TRANS_B: tl.constexpr):
         # This tile's expert: the number of experts whose tiles all come before it (past the last tile: e = E, no
         # row is valid and the loop below does not run).
@@ -160,7 +166,7 @@ if triton is not None:
         tiles_m = tl.cdiv(M, BM) + E
         pid_m, pid_n = _swizzle(tl.program_id(0), tiles_m, tl.cdiv(N, BN), GROUP_M)
         idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, BM)
-        _rows_tile(A_desc, B_desc, C, M, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last, BM, BN, BK, TRANS_B)
+        _rows_tile(A_desc, B_desc, C, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last, BM, BN, BK, TRANS_B)
 
     @triton.jit
     def _rows_persistent_kernel(A_desc, B_desc, C, ENDS, M, N, K, E,
@@ -173,7 +179,7 @@ if triton is not None:
         tiles_n = tl.cdiv(N, BN)
         for t in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, warp_specialize=WARP_SPECIALIZE):
             pid_m, pid_n = _swizzle(t, tiles_m, tiles_n, GROUP_M)
-            _rows_tile(A_desc, B_desc, C, M, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last, BM, BN, BK,
+            _rows_tile(A_desc, B_desc, C, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last, BM, BN, BK,
                        TRANS_B)
 
     @triton.jit
