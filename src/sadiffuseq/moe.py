@@ -435,8 +435,8 @@ class MoEFFN(nn.Module):
             if self.impl == "triton":
                 raise UserError(
                     f"model.moe_impl=triton: the Triton expert kernels failed to build or to match a per-expert loop "
-                    f"for {dtype} on {torch.device(device).type} (Triton {getattr(moe_gemm.triton, '__version__', None)}); use model.moe_impl=auto, "
-                    "grouped or loop"
+                    f"for {dtype} on {torch.device(device).type} "
+                    f"(Triton {getattr(moe_gemm.triton, '__version__', None)}); use model.moe_impl=auto, grouped or loop"
                 )
         if self.impl == "triton":
             raise UserError(
