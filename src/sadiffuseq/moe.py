@@ -25,8 +25,8 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
 * **Dropless dispatch** (``moe_capacity_factor = 0``): the N·k (token, expert) pairs are sorted by expert; per-
   expert counts give the offsets; each projection is then one grouped matmul over the sorted rows — Triton
   kernels on Hopper GPUs (:mod:`sadiffuseq.moe_gemm`), else ``torch._grouped_mm`` — or, where neither supports
-  the dtype/device/shape, one matmul per expert over its contiguous slice (the same numbers). Each token gathers its k results back through the
-  inverse of the sort (``slot``), with its experts' down-projection biases, weighted by the gates (the sum over
+  the dtype/device/shape, one matmul per expert over its contiguous slice (the same numbers). Each token gathers
+  its k results back through the inverse of the sort (``slot``), with its experts' down-projection biases, weighted by the gates (the sum over
   the k slots accumulates in fp32). Nothing in the forward or backward uses atomic adds or waits for the
   device: every data movement is a gather or a store to distinct rows (dropless, each token's row stored to its
   k sorted rows; with a capacity, the rows gathered from their tokens; a token's input gradient gathered from
@@ -436,7 +436,8 @@ class MoEFFN(nn.Module):
                 raise UserError(
                     f"model.moe_impl=triton: the Triton expert kernels failed to build or to match a per-expert loop "
                     f"for {dtype} on {torch.device(device).type} "
-                    f"(Triton {getattr(moe_gemm.triton, '__version__', None)}); use model.moe_impl=auto, grouped or loop"
+                    f"(Triton {getattr(moe_gemm.triton, '__version__', None)}); "
+                    "use model.moe_impl=auto, grouped or loop"
                 )
         if self.impl == "triton":
             raise UserError(
