@@ -26,8 +26,8 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
   expert counts give the offsets; each projection is then one grouped matmul over the sorted rows — Triton
   kernels on Hopper GPUs (:mod:`sadiffuseq.moe_gemm`), else ``torch._grouped_mm`` — or, where neither supports
   the dtype/device/shape, one matmul per expert over its contiguous slice (the same numbers). Each token gathers
-  its k results back through the inverse of the sort (``slot``), with its experts' down-projection biases, weighted by the gates (the sum over
-  the k slots accumulates in fp32). Nothing in the forward or backward uses atomic adds or waits for the
+  its k results back through the inverse of the sort (``slot``), with its experts' down-projection biases,
+  weighted by the gates (the sum over the k slots accumulates in fp32). Nothing in the forward or backward uses atomic adds or waits for the
   device: every data movement is a gather or a store to distinct rows (dropless, each token's row stored to its
   k sorted rows; with a capacity, the rows gathered from their tokens; a token's input gradient gathered from
   its k pairs; each sorted row's output gradient from its token), the up projection's bias is added with the
