@@ -4,9 +4,9 @@ bf16; tokens routed by a random router, as ``bench moe`` has it) at each length,
 reference; the setting with the least total time over the lengths is printed for ``LAUNCH``. ``torch._grouped_mm``
 and a dense matmul of the same FLOPs are timed beside each for scale.
 
-    PYTHONPATH=src python3 scripts/gpu_tune_moe_gemm.py [TOKENS ...]      (default 8192 32768)
+    PYTHONPATH=src python3 scripts/gpu_tune_moe_gemm.py [TOKENS ...] [--ops OP ...]   (default 8192 32768, every op)
 """
-import sys
+import argparse
 
 import torch
 
@@ -15,7 +15,11 @@ from sadiffuseq.bench import graph_time_ms
 
 dev, dt = "cuda", torch.bfloat16
 E, k, d, H = 8, 2, 768, 1536
-lengths = [int(a) for a in sys.argv[1:]] or [8192, 32768]
+parser = argparse.ArgumentParser()
+parser.add_argument("lengths", type=int, nargs="*", default=[8192, 32768])
+parser.add_argument("--ops", nargs="+", default=list(moe_gemm.LAUNCH), choices=list(moe_gemm.LAUNCH))
+args = parser.parse_args()
+lengths = args.lengths
 # (BM, BN, BK, warps, stages, GROUP_M, persistent: 0 no, 1 yes, 2 with warp specialisation)
 ROWS = [(128, 256, 64, 8, 3, 8, 0), (128, 256, 64, 8, 4, 8, 0), (256, 128, 64, 8, 3, 8, 0), (128, 128, 64, 8, 3, 8, 0),
         (128, 128, 64, 4, 4, 8, 0), (128, 256, 64, 8, 3, 8, 1), (128, 256, 64, 8, 4, 8, 1), (128, 128, 64, 8, 4, 8, 1),
@@ -23,7 +27,8 @@ ROWS = [(128, 256, 64, 8, 3, 8, 0), (128, 256, 64, 8, 4, 8, 0), (256, 128, 64, 8
         (128, 128, 128, 8, 3, 8, 2), (256, 128, 64, 8, 3, 8, 2), (128, 256, 64, 8, 3, 16, 2),
         (128, 256, 64, 8, 3, 4, 2)]
 WEIGHTS = [(128, 128, 64, 8, 4, 8), (128, 128, 64, 4, 4, 8), (128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8),
-           (256, 128, 64, 8, 3, 8), (128, 128, 128, 8, 3, 8), (64, 128, 64, 4, 4, 8), (128, 128, 64, 4, 3, 8)]
+           (256, 128, 64, 8, 3, 8), (128, 128, 128, 8, 3, 8), (64, 128, 64, 4, 4, 8), (128, 128, 64, 4, 3, 8),
+           (128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 5, 8), (128, 128, 64, 8, 4, 4), (256, 128, 64, 8, 4, 8)]
 print("torch", torch.__version__, torch.cuda.get_device_name())
 
 
@@ -72,10 +77,10 @@ def calls(t, ends):
         "up_input_grad": (lambda: ops.moe_gmm(t["du"], t["w1"], ends, True, "up_input_grad"),
                           lambda: torch._grouped_mm(t["du"], t["w1"].transpose(1, 2), offs=ends),
                           lambda: t["du"] @ t["w1"][0].t()),
-        # Both weight gradients of a step (one setting for both; fp32 out, as the layer writes them): timed
-        # together, the first one checked. torch._grouped_mm's bf16 results would still need casting to fp32.
-        "weight_grad": (lambda: (ops.moe_gmm_weight_grad(t["h"], t["dy"], ends, torch.float32),
-                                 ops.moe_gmm_weight_grad(t["xs"], t["du"], ends, torch.float32))[0],
+        # Both weight gradients of a step (one launch; fp32 out, as the layer writes them), the first one checked.
+        # torch._grouped_mm's bf16 results would still need casting to fp32.
+        "weight_grad": (lambda: ops.moe_gmm_weight_grads(t["h"], t["dy"], t["xs"], t["du"], ends,
+                                                         torch.float32)[0],
                         lambda: (torch._grouped_mm(t["h"].t(), t["dy"], offs=ends),
                                  torch._grouped_mm(t["xs"].t(), t["du"], offs=ends)),
                         lambda: (t["h"].t() @ t["dy"], t["xs"].t() @ t["du"])),
@@ -89,6 +94,8 @@ for S, (M, counts, ends, expert, t) in problems.items():
     print(f"\n{S} tokens ({M} routed rows), counts {counts.tolist()}")
     want = references(t, counts)
     for op, (mine, grouped, dense) in calls(t, ends).items():
+        if op not in args.ops:
+            continue
         scale[op, S] = (graph_time_ms(grouped, reps=30), graph_time_ms(dense, reps=30))
         for setting in WEIGHTS if op == "weight_grad" else ROWS:
             moe_gemm.LAUNCH[op] = setting
@@ -105,7 +112,7 @@ for S, (M, counts, ends, expert, t) in problems.items():
             print(f"  {op:14s} {setting}: {ms * 1e3:7.1f} us ({fl / ms / 1e9:4.0f} TFLOP/s)")
 
 print("\nop | " + " | ".join(f"{S}: best us (TFLOP/s), grouped_mm, dense" for S in lengths) + " | setting")
-for op in moe_gemm.LAUNCH:
+for op in args.ops:
     candidates = {s: ms for (o, s), ms in times.items() if o == op}
     best = min(candidates, key=lambda s: sum(candidates[s]))
     cells = []

@@ -71,6 +71,7 @@ from sadiffuseq.config import ModelConfig
 from sadiffuseq.errors import UserError
 from sadiffuseq.moe_gemm import experts_ffn
 from sadiffuseq.moe_kernels import bias_gelu
+from sadiffuseq.moe_router import router_logits_value, router_weight_grad_of, token_grad
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -102,15 +103,19 @@ class Routing:
     gates: torch.Tensor  # (N, k) fp32, their weights
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> Routing:
-    """Token-choice top-k routing of the rows of x (N, d) by a router matrix ``weight`` (E, d), in fp32."""
-    with torch.autocast(x.device.type, enabled=False):
-        logits = F.linear(x.float(), weight.float())
+def select_experts(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The top-k experts of each token (N, k), largest first, by router probability (plus the balancing bias)."""
+    with torch.no_grad():
+        probs = logits.float().softmax(-1)
+        return top_k_indices(probs if bias is None else probs + bias.float(), top_k)
+
+
+def route(logits: torch.Tensor, experts: torch.Tensor) -> Routing:
+    """The routing of tokens with router logits (N, E) (fp32, with their gradient) to the chosen ``experts`` (N, k):
+    probabilities and gate weights."""
     probs = logits.softmax(-1)
-    scores = probs if bias is None else probs + bias.detach().float()
-    experts = top_k_indices(scores, top_k)
     gates = probs.gather(-1, experts)
-    if top_k > 1:
+    if experts.shape[1] > 1:
         gates = gates / gates.sum(-1, keepdim=True)
     return Routing(logits, probs, experts, gates)
 
@@ -179,28 +184,44 @@ def _pairs_of_tokens(rows: torch.Tensor, slot: torch.Tensor, kept: torch.Tensor 
     return out if kept is None else out * kept.view(-1, k, 1).to(out.dtype)
 
 
-class _GatherPairs(torch.autograd.Function):
-    """Rows of x (N, w) for the sorted token–expert pairs: ``x[token]``, (M, w).
+class _GatherRouted(torch.autograd.Function):
+    """The rows of x (N, w) for the sorted token–expert pairs in ``dtype`` (``x[token]``, (M, w)), and the router's
+    logits (N, E) with their gradient: one autograd node, so that both gradients with respect to x are written in
+    one pass (:func:`sadiffuseq.moe_router.token_grad`).
 
+    ``logits`` come in computed (:func:`~sadiffuseq.moe_router.router_logits_value`, they chose the experts) and
+    leave as this node's output, the router's weight gradient and its share of x's gradient computed here. The cast
+    to the compute dtype happens here, where ``torch.compile`` fuses it into the one pass that writes the sorted rows.
     Backward without atomics (autograd's would scatter-add every row into its token): each token gathers its k
-    pairs' gradients through ``slot`` and sums them; dropped pairs (``kept`` False) contribute nothing.
+    pairs' gradients through ``slot``; dropped pairs (``kept`` False) contribute nothing.
     """
 
     @staticmethod
-    def forward(ctx, x, token, slot, kept, k: int):
-        ctx.save_for_backward(slot, kept)
+    def forward(ctx, x, weight, logits, token, slot, kept, k: int, dtype: torch.dtype):
+        ctx.save_for_backward(x, weight, slot, kept)
         ctx.k = k
+        xc = x.to(dtype)
         if kept is None:
             # Dropless, every sorted row is one token's pair: each token's row is read once and written to its k
             # rows (distinct destinations: a plain store), instead of k gathers of the same row.
-            src = x.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.shape[1])
-            return x.new_empty(slot.numel(), x.shape[1]).index_copy(0, slot, src)
-        return x.index_select(0, token)
+            src = xc.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.shape[1])
+            rows = xc.new_empty(slot.numel(), x.shape[1]).index_copy(0, slot, src)
+        else:
+            rows = xc.index_select(0, token)
+        return rows, logits.clone()
 
     @staticmethod
-    def backward(ctx, grad):
-        slot, kept = ctx.saved_tensors
-        return _pairs_of_tokens(grad, slot, kept, ctx.k).sum(1), None, None, None, None
+    def backward(ctx, grad_rows, grad_logits):
+        x, weight, slot, kept = ctx.saved_tensors
+        # With autocast off: a traced backward would otherwise run under the forward's ambient autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            if grad_logits is None:
+                grad_logits = x.new_zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
+            if grad_rows is None:
+                grad_rows = x.new_zeros(slot.numel(), x.shape[1])
+            grad_x = token_grad(grad_rows, slot, kept, grad_logits, weight, ctx.k, x.dtype)
+            grad_w = router_weight_grad_of(grad_logits, x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 class _CombinePairs(torch.autograd.Function):
@@ -509,12 +530,16 @@ class MoEFFN(nn.Module):
         dev = x.device.type
         dtype = compute_dtype(x)
 
-        r = route(flat, self.router.weight, self.top_k, self.route_bias)
+        weight = self.router.weight
+        logits = router_logits_value(flat, weight)  # fp32, no gradient yet: it chooses the experts
+        experts = select_experts(logits, self.top_k, self.route_bias)
         cap = capacity_of(self.capacity_factor, n, self.top_k, self.n_experts)
-        disp = dispatch(r.experts, self.n_experts, cap)
+        disp = dispatch(experts, self.n_experts, cap)
         impl = self.resolve_impl(x.device, dtype, torch.compiler.is_compiling()) if disp.pair.numel() else "loop"
         with torch.autocast(dev, enabled=False):
-            rows = _GatherPairs.apply(flat.to(dtype), disp.token, disp.slot, disp.kept, self.top_k)
+            # The logits get their gradient from the node that also gathers the rows.
+            rows, logits = _GatherRouted.apply(flat, weight, logits, disp.token, disp.slot, disp.kept, self.top_k, dtype)
+            r = route(logits, experts)
             ys = experts_forward(rows, disp.expert, disp.counts, self.w_up, self.b_up, self.w_down, None, impl)
             gates = r.gates.to(dtype)
             if disp.kept is not None:  # a dropped pair contributes nothing, its expert's bias included

@@ -12,7 +12,8 @@ backward, on kernels of two kinds:
   tensor-core work and the stores between warps, so that one tile's stores overlap the next tile's loads).
   Nothing waits for the host either way: the launch can be captured in a CUDA graph.
 * **Weight-gradient** (:func:`_weights_kernel`): ``dW[e] = A[rows of e]ᵀ · G[rows of e]``, a reduction over each
-  expert's rows, written straight in the parameters' dtype (fp32 in mixed precision): no bf16 result to cast.
+  expert's rows, written straight in the parameters' dtype (fp32 in mixed precision): no bf16 result to cast. Both
+  projections' weight gradients run as one launch: twice the tiles fill the multiprocessors more evenly.
 
 Around them: the bias + GELU forward is left to PyTorch (``torch.compile`` fuses it into one pass), its backward
 with the bias gradient is :func:`sadiffuseq.moe_kernels.bias_gelu_backward`. Fusing the GELU into the matmuls'
@@ -52,7 +53,7 @@ LAUNCH = {
     "down": (128, 256, 64, 8, 3, 4, 2),  # h · W_down
     "down_input_grad": (128, 256, 64, 8, 3, 16, 2),  # dy · W_downᵀ
     "up_input_grad": (128, 256, 64, 8, 4, 8, 1),  # du · W_upᵀ
-    "weight_grad": (128, 128, 64, 8, 4, 8),  # xᵀ · du and hᵀ · dy
+    "weight_grad": (128, 256, 64, 8, 4, 8),  # xᵀ · du and hᵀ · dy, one launch
 }
 
 
@@ -183,10 +184,10 @@ if triton is not None:
                        TRANS_B)
 
     @triton.jit
-    def _weights_kernel(A_desc, G_desc, A, G, W, ENDS, KA, N,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(KA, BM), tl.cdiv(N, BN), GROUP_M)
-        e = tl.program_id(1)
+    def _weights_tile(A_desc, G_desc, A, G, W, ENDS, KA, N, e, pid,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """Tile ``pid`` of ``dW[e] = A[rows of e]ᵀ · G[rows of e]`` (a reduction over expert e's rows)."""
+        pid_m, pid_n = _swizzle(pid, tl.cdiv(KA, BM), tl.cdiv(N, BN), GROUP_M)
         start = tl.load(ENDS + e - 1, mask=e > 0, other=0)
         end = tl.load(ENDS + e)
         ka0, n0 = pid_m * BM, pid_n * BN
@@ -208,6 +209,21 @@ if triton is not None:
             acc = tl.dot(a, g, acc)
         mask = (ka < KA)[:, None] & (cols < N)[None, :]
         tl.store(W + e.to(tl.int64) * KA * N + ka[:, None] * N + cols[None, :], acc.to(W.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _weights_kernel(A1_desc, G1_desc, A1, G1, W1, KA1, N1, A2_desc, G2_desc, A2, G2, W2, KA2, N2, ENDS, E,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """Both weight gradients of the experts in one launch, a program per (tile, expert, gradient): the tiles
+        of one gradient alone fill the GPU's multiprocessors 4.4 times at the layer's shapes (the last round 36 %
+        full), those of both 8.7 times."""
+        pid, g = tl.program_id(0), tl.program_id(1)
+        # One tile body for both (two inlined bodies would each take their own shared memory).
+        if g < E:
+            a_desc, g_desc, a, gr, w, ka, n, e = A1_desc, G1_desc, A1, G1, W1, KA1, N1, g
+        else:
+            a_desc, g_desc, a, gr, w, ka, n, e = A2_desc, G2_desc, A2, G2, W2, KA2, N2, g - E
+        if pid < tl.cdiv(ka, BM) * tl.cdiv(n, BN):
+            _weights_tile(a_desc, g_desc, a, gr, w, ENDS, ka, n, e, pid, BM, BN, BK, GROUP_M)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,24 +262,30 @@ def _(a, w, ends, trans_b, launch):
     return a.new_empty(a.shape[0], w.shape[1] if trans_b else w.shape[2])
 
 
-@torch.library.custom_op("sadiffuseq::moe_gmm_weight_grad", mutates_args=())
-def grouped_weight_grad(a: Tensor, g: Tensor, ends: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """``a[rows of e]ᵀ · g[rows of e]`` for every expert e: (E, a.shape[1], g.shape[1]) in ``out_dtype``."""
-    a, g = a.contiguous(), g.contiguous()
-    KA, N, E = a.shape[1], g.shape[1], ends.shape[0]
+@torch.library.custom_op("sadiffuseq::moe_gmm_weight_grads", mutates_args=())
+def grouped_weight_grads(a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, ends: Tensor,
+                         out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``a[rows of e]ᵀ · g[rows of e]`` for every expert e, for two pairs (a1, g1) and (a2, g2) sorted by the same
+    experts, in one launch: (E, a1.shape[1], g1.shape[1]) and (E, a2.shape[1], g2.shape[1]) in ``out_dtype``."""
     BM, BN, BK, warps, stages, group_m = LAUNCH["weight_grad"]
-    w = torch.empty(E, KA, N, dtype=out_dtype, device=a.device)
-    a_desc = TensorDescriptor.from_tensor(a, [BK, BM])
-    g_desc = TensorDescriptor.from_tensor(g, [BK, BN])
-    _weights_kernel[(triton.cdiv(KA, BM) * triton.cdiv(N, BN), E)](
-        a_desc, g_desc, a, g, w, ends, KA, N, BM=BM, BN=BN, BK=BK, GROUP_M=group_m, num_warps=warps,
-        num_stages=stages)
-    return w
+    E = ends.shape[0]
+    args, tiles = [], []
+    for a, g in ((a1, g1), (a2, g2)):
+        a, g = a.contiguous(), g.contiguous()
+        KA, N = a.shape[1], g.shape[1]
+        w = torch.empty(E, KA, N, dtype=out_dtype, device=a.device)
+        args += [TensorDescriptor.from_tensor(a, [BK, BM]), TensorDescriptor.from_tensor(g, [BK, BN]), a, g, w, KA, N]
+        tiles.append(triton.cdiv(KA, BM) * triton.cdiv(N, BN))
+    _weights_kernel[(max(tiles), 2 * E)](*args, ends, E, BM=BM, BN=BN, BK=BK, GROUP_M=group_m, num_warps=warps,
+                                         num_stages=stages)
+    return args[4], args[11]
 
 
-@grouped_weight_grad.register_fake
-def _(a, g, ends, out_dtype):
-    return torch.empty(ends.shape[0], a.shape[1], g.shape[1], dtype=out_dtype, device=a.device)
+@grouped_weight_grads.register_fake
+def _(a1, g1, a2, g2, ends, out_dtype):
+    E = ends.shape[0]
+    return (torch.empty(E, a1.shape[1], g1.shape[1], dtype=out_dtype, device=a1.device),
+            torch.empty(E, a2.shape[1], g2.shape[1], dtype=out_dtype, device=a2.device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,11 +316,11 @@ class TritonExperts(torch.autograd.Function):
         w_up_dtype, b_up_dtype, w_down_dtype = ctx.dtypes
         grad = grad.contiguous()
         dh = torch.ops.sadiffuseq.moe_gmm(grad, wd, ends, True, "down_input_grad")
-        d_w_down = torch.ops.sadiffuseq.moe_gmm_weight_grad(h, grad, ends, w_down_dtype)
         du, d_b_up = bias_gelu_backward(dh, u, bu, expert, ends)
         d_rows = torch.ops.sadiffuseq.moe_gmm(du, wu, ends, True, "up_input_grad") if ctx.needs_input_grad[0] else None
-        d_w_up = torch.ops.sadiffuseq.moe_gmm_weight_grad(rows, du, ends, w_up_dtype)
-        return d_rows, d_w_up, d_b_up.to(b_up_dtype), d_w_down, None, None
+        # Both weight gradients in one launch (the down projection's held back until du is known): twice the tiles.
+        d_w_up, d_w_down = torch.ops.sadiffuseq.moe_gmm_weight_grads(rows, du, h, grad, ends, w_up_dtype)
+        return d_rows, d_w_up, d_b_up.to(b_up_dtype), d_w_down.to(w_down_dtype), None, None
 
 
 def experts_ffn(rows: Tensor, w_up: Tensor, b_up: Tensor, w_down: Tensor, expert: Tensor, ends: Tensor) -> Tensor:

@@ -1,0 +1,137 @@
+"""The MoE router's fp32 matmuls and the token rows' gradient (moe_router.py) against float64 references.
+
+The Triton kernels run under Triton's CPU interpreter (a process of its own, started by
+``test_moe_router_under_the_interpreter``) and on CUDA GPUs; the PyTorch path runs everywhere.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sadiffuseq import moe_router
+from sadiffuseq.config import ModelConfig
+from sadiffuseq.moe import MoEFFN
+from sadiffuseq.moe_kernels import interpreting
+from sadiffuseq.moe_router import router_logits_value, router_weight_grad_of, token_grad
+
+# (tokens, width, experts, k): rows not a multiple of the row blocks, widths not a multiple of the column blocks,
+# E from 3 to above the 16-wide padded block.
+CASES = [(100, 48, 3, 2), (37, 40, 8, 1), (70, 24, 20, 3)]
+
+
+def _problem(N, D, E, k, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    w = torch.randn(E, D, generator=g) * D**-0.5
+    grad_logits = torch.randn(N, E, generator=g)
+    grad_rows = torch.randn(N * k, D, generator=g).to(torch.bfloat16)
+    slot = torch.randperm(N * k, generator=g)  # a token's k pairs sit anywhere among the sorted rows
+    kept = torch.rand(N * k, generator=g) < 0.7
+    return [t.to(device) for t in (x, w, grad_logits, grad_rows, slot, kept)]
+
+
+def _relative_error(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def _check_all(N, D, E, k, device="cpu"):
+    x, w, grad_logits, grad_rows, slot, kept = _problem(N, D, E, k, device=device)
+    xd, wd, gd = x.double(), w.double(), grad_logits.double()
+    assert _relative_error(router_logits_value(x, w), xd @ wd.t()) < 1e-5
+    assert _relative_error(router_weight_grad_of(grad_logits, x), gd.t() @ xd) < 1e-5
+    pairs = grad_rows.double()[slot].view(N, k, D)
+    for mask in (None, kept):
+        want = (pairs if mask is None else pairs * mask.view(N, k, 1)).sum(1) + gd @ wd
+        got = token_grad(grad_rows, slot, mask, grad_logits, w, k, torch.float32)
+        assert got.dtype == torch.float32
+        assert _relative_error(got, want) < 1e-5, "kept" if mask is not None else "dropless"
+    assert token_grad(grad_rows, slot, None, grad_logits, w, k, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("N, D, E, k", CASES)
+def test_router_matmuls_and_token_grad_match_float64(N, D, E, k):
+    """The path of this machine (PyTorch on the CPU)."""
+    _check_all(N, D, E, k)
+
+
+@pytest.mark.parametrize("N, D, E, k", CASES)
+def test_triton_router_kernels_match_float64(monkeypatch, N, D, E, k):
+    pytest.importorskip("triton")
+    if not interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_router_under_the_interpreter starts it)")
+    # Small blocks, so that every loop runs more than once and every mask matters.
+    for key, value in dict(BM=32, BK=16, ROWS=32, BR=16, BD=16, token_BM=16, token_BD=16).items():
+        monkeypatch.setitem(moe_router.ROUTER, key, value)
+    assert moe_router.use_triton(torch.zeros(1))
+    _check_all(N, D, E, k)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.6])
+def test_triton_router_in_the_layer_gives_the_pytorch_gradients(monkeypatch, capacity_factor):
+    """The whole layer with the router's kernels against the same layer on the PyTorch path (which test_moe checks
+    against a per-token reference): output, x's gradient, every parameter's gradient, with and without drops."""
+    pytest.importorskip("triton")
+    if not interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_router_under_the_interpreter starts it)")
+    cfg = ModelConfig(d_model=24, n_heads=1, ffn="moe", moe_experts=4, moe_top_k=2, dropout=0.0, moe_impl="loop",
+                      moe_capacity_factor=capacity_factor)
+    results = []
+    for kernels in (True, False):
+        monkeypatch.setattr(moe_router, "use_triton", lambda t, on=kernels: on)
+        torch.manual_seed(0)
+        layer = MoEFFN(cfg).train()
+        x = torch.randn(2, 25, 24, requires_grad=True)
+        y = layer(x)
+        (y.pow(2).sum() + layer.last_aux["balance"] + layer.last_aux["z"]).backward()
+        results.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_router_under_the_interpreter():
+    pytest.importorskip("triton")
+    if interpreting():
+        pytest.skip("already under the interpreter")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "triton_ and not gpu"],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def _router_gradients_in_the_layer(device, compile_options):
+    """x's and the router's gradients from the z-loss alone (which depends on the logits only, not on the routing),
+    through the layer in a bf16 autocast region, against float64."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=64, n_heads=1, ffn="moe", moe_experts=8, moe_top_k=2, dropout=0.0)
+    layer = MoEFFN(cfg).to(device).train()
+    fn = layer.compile_routed(**compile_options) if compile_options is not None else layer
+    x = torch.randn(1, 300, 64, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        fn(x)
+    layer.last_aux["z"].backward()
+    xd, wd = x.detach().double().requires_grad_(), layer.router.weight.detach().double().requires_grad_()
+    torch.logsumexp(xd @ wd.t(), -1).pow(2).mean().backward()
+    assert _relative_error(x.grad, xd.grad) < 1e-5
+    assert _relative_error(layer.router.weight.grad, wd.grad) < 1e-5
+
+
+@pytest.mark.parametrize("compile_options", [None, {"backend": "aot_eager"}])
+def test_router_gradients_stay_fp32_under_autocast(compile_options):
+    """Eager and traced by torch.compile: bf16 anywhere in the router would give relative errors near 1e-3."""
+    _router_gradients_in_the_layer("cpu", compile_options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("N, D, E, k", CASES + [(32768, 768, 8, 2)])
+def test_gpu_router_kernels_match_float64(N, D, E, k):
+    _check_all(N, D, E, k, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_options", [None, {}])
+def test_gpu_router_gradients_stay_fp32_under_autocast(compile_options):
+    """Eager and compiled by inductor (the graph in which the router's backward once ran in bf16)."""
+    _router_gradients_in_the_layer("cuda", compile_options)
