@@ -1,9 +1,13 @@
-"""Shared fixtures: a tiny synthetic jsonl task and a matching tiny config (fast on a CPU)."""
+"""Shared fixtures: a tiny synthetic jsonl task and a matching tiny config (fast on a CPU); running Triton kernel
+tests under Triton's CPU interpreter."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +63,17 @@ def tiny_overrides(tmp_path, **extra) -> list[str]:
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return load_config(None, tiny_overrides(tmp_path))
+
+
+def run_under_interpreter(test_file: str, keyword: str) -> None:
+    """Run the tests of ``test_file`` selected by ``-k keyword`` in a process of their own under Triton's CPU
+    interpreter (``TRITON_INTERPRET=1`` has to be set before Triton is imported); fails if any of them fails or
+    is skipped there."""
+    pytest.importorskip("triton")
+    from sadiffuseq.attention.globals_triton import interpreting
+
+    if interpreting():
+        pytest.skip("already under the interpreter")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]

@@ -5,16 +5,14 @@ The kernels run under Triton's CPU interpreter in fp32 (started in a process of 
 CUDA GPU of compute capability 9.0 or newer, in bf16.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sadiffuseq import moe_gemm
 from sadiffuseq.moe_kernels import interpreting
+
+from conftest import run_under_interpreter
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
@@ -113,13 +111,7 @@ def test_triton_experts_on_persistent_programs(monkeypatch, grid):
 
 
 def test_moe_gemm_under_the_interpreter():
-    pytest.importorskip("triton")
-    if interpreting():
-        pytest.skip("already under the interpreter")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "triton_ and not gpu"],
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    run_under_interpreter(__file__, "triton_ and not gpu")
 
 
 def test_supported_says_no_without_a_hopper_gpu_or_with_unaligned_rows():

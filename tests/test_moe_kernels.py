@@ -4,15 +4,13 @@ The PyTorch path runs everywhere; the Triton kernels run under Triton's CPU inte
 own by the last test: the interpreter has to be chosen before Triton is imported) and, on a CUDA GPU, in bf16.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sadiffuseq import moe_kernels
+
+from conftest import run_under_interpreter
 
 CUDA = torch.cuda.is_available()
 
@@ -87,13 +85,7 @@ def test_triton_bias_gelu_backward_under_other_launch_settings(monkeypatch):
 
 
 def test_moe_triton_kernels_under_the_interpreter():
-    pytest.importorskip("triton")
-    if moe_kernels.interpreting():
-        pytest.skip("already under the interpreter")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "triton_bias_gelu"],
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    run_under_interpreter(__file__, "triton_bias_gelu")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -4,10 +4,6 @@ The Triton kernels run under Triton's CPU interpreter (a process of its own, sta
 ``test_moe_router_under_the_interpreter``) and on CUDA GPUs; the PyTorch path runs everywhere.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -16,6 +12,8 @@ from sadiffuseq.config import ModelConfig
 from sadiffuseq.moe import MoEFFN
 from sadiffuseq.moe_kernels import interpreting
 from sadiffuseq.moe_router import router_logits_value, router_weight_grad_of, token_grad
+
+from conftest import run_under_interpreter
 
 # (tokens, width, experts, k): rows not a multiple of the row blocks, widths not a multiple of the column blocks,
 # E from 3 to above the 16-wide padded block.
@@ -92,13 +90,7 @@ def test_triton_router_in_the_layer_gives_the_pytorch_gradients(monkeypatch, cap
 
 
 def test_moe_router_under_the_interpreter():
-    pytest.importorskip("triton")
-    if interpreting():
-        pytest.skip("already under the interpreter")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "triton_ and not gpu"],
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    run_under_interpreter(__file__, "triton_ and not gpu")
 
 
 def _router_gradients_in_the_layer(device, compile_options):
