@@ -84,6 +84,22 @@ def test_triton_bias_gelu_backward_under_other_launch_settings(monkeypatch):
     torch.testing.assert_close(db.double(), want_db, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("counts, width", TRITON_CASES)
+@pytest.mark.parametrize("launch", [None, dict(ROWS=16, BM=4, BN=32, num_warps=2)])
+def test_triton_bias_gelu_forward_matches_the_expression(monkeypatch, counts, width, launch):
+    """The forward kernel, fp32 under the interpreter, against GELU(u + b[e]) in float64; the tuned tiles and
+    small ones (which only change how the work is split)."""
+    pytest.importorskip("triton")
+    if not moe_kernels.interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_triton_kernels_under_the_interpreter starts it)")
+    if launch:
+        monkeypatch.setattr(moe_kernels, "BIAS_GELU_FORWARD", launch)
+    u, bias, _, expert, ends = _problem(counts, width)
+    assert moe_kernels.use_triton(u)
+    h = moe_kernels.bias_gelu_forward(u, bias, expert, ends)
+    torch.testing.assert_close(h.double(), F.gelu(u.double() + bias.double()[expert]), rtol=1e-5, atol=1e-6)
+
+
 def test_moe_triton_kernels_under_the_interpreter():
     run_under_interpreter(__file__, "triton_bias_gelu")
 
@@ -98,3 +114,13 @@ def test_gpu_bias_gelu_backward_in_bf16(counts, width):
     # The bias gradient sums up to thousands of rows: compare relative to the size of the sums.
     scale = want_db.abs().max()
     assert (db.double() - want_db).abs().max() <= 1e-2 * scale
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("counts, width", TRITON_CASES + [((8261, 8077, 8118, 7950, 8412, 8339, 8131, 8248), 1536)])
+def test_gpu_bias_gelu_forward_in_bf16(counts, width):
+    u, bias, _, expert, ends = _problem(counts, width, torch.bfloat16, "cuda")
+    h = moe_kernels.bias_gelu_forward(u, bias, expert, ends)
+    want = F.gelu(u.float() + bias.float()[expert])  # rounded to bf16 once, as the kernel's result is
+    assert h.dtype == torch.bfloat16
+    torch.testing.assert_close(h.float(), want.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)

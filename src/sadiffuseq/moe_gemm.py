@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sadiffuseq.attention.globals_triton import interpreting, triton
-from sadiffuseq.moe_kernels import bias_gelu_backward
+from sadiffuseq.moe_kernels import bias_gelu_backward, bias_gelu_forward
 
 if triton is not None:
     import triton.language as tl
@@ -305,7 +305,7 @@ class TritonExperts(torch.autograd.Function):
         dtype = rows.dtype
         wu, wd, bu = w_up.to(dtype), w_down.to(dtype), b_up.to(dtype)
         u = torch.ops.sadiffuseq.moe_gmm(rows, wu, ends, False, "up")
-        h = F.gelu(u + bu.index_select(0, expert))
+        h = bias_gelu_forward(u, bu, expert, ends)
         ctx.save_for_backward(rows, wu, bu, wd, u, h, expert, ends)
         ctx.dtypes = (w_up.dtype, b_up.dtype, w_down.dtype)
         return torch.ops.sadiffuseq.moe_gmm(h, wd, ends, False, "down")
