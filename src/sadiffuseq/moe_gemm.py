@@ -15,8 +15,8 @@ backward, on kernels of two kinds:
   expert's rows, written straight in the parameters' dtype (fp32 in mixed precision): no bf16 result to cast. Both
   projections' weight gradients run as one launch: twice the tiles fill the multiprocessors more evenly.
 
-Around them: the bias + GELU forward is left to PyTorch (``torch.compile`` fuses it into one pass), its backward
-with the bias gradient is :func:`sadiffuseq.moe_kernels.bias_gelu_backward`. Fusing the GELU into the matmuls'
+Around them: the bias + GELU forward and its backward with the bias gradient are kernels of their own
+(:func:`sadiffuseq.moe_kernels.bias_gelu_forward`, :func:`~sadiffuseq.moe_kernels.bias_gelu_backward`). Fusing the GELU into the matmuls'
 epilogues was measured slower: without the overlap of warp specialisation (which Triton 3.6 did not compile with
 those epilogues) the GELU's arithmetic runs while the tensor cores idle (docs/benchmarks.md).
 

@@ -10,8 +10,8 @@ Written in PyTorch the bias gradient is a second pass over du (a one-hot matmul,
 onto the same few addresses). :func:`bias_gelu_backward` computes both in one pass over dh and u: the rows are cut
 into tiles of ``ROWS`` rows *per expert* (at most ``cdiv(M, ROWS) + E`` tiles, a static bound), so every tile lies
 in one expert; each program writes its tile's du and the column sum of its tile, and a second small kernel adds up
-each expert's tile sums in a fixed order (deterministic, no atomics). The forward, ``GELU(u + b[e])``, is left to
-PyTorch, which ``torch.compile`` fuses into one pass.
+each expert's tile sums in a fixed order (deterministic, no atomics). The forward, ``GELU(u + b[e])``, runs over the
+same tiles (:func:`bias_gelu_forward`: each tile reads its expert's bias row once).
 
 Keeping the bias out of the matmul keeps its inner dimension at d_model: carried as an extra weight row (against a
 ones column of the rows), it made the up projection's matmuls 776 wide instead of 768, which costs the grouped
