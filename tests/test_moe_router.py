@@ -127,3 +127,13 @@ def test_gpu_router_kernels_match_float64(N, D, E, k):
 def test_gpu_router_gradients_stay_fp32_under_autocast(compile_options):
     """Eager and compiled by inductor (the graph in which the router's backward once ran in bf16)."""
     _router_gradients_in_the_layer("cuda", compile_options)
+
+
+def test_dot_precision_is_plain_fp32_on_gpus_without_tf32(monkeypatch):
+    """tf32x3 needs TF32 tensor cores (Ampere on); older GPUs get the plain fp32 product instead of a failed build."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert moe_router._precision(cuda) == "ieee"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert moe_router._precision(cuda) == moe_router.ROUTER["precision"] == "tf32x3"
+    assert moe_router._precision(torch.device("cpu")) == "tf32x3"  # the interpreter ignores it

@@ -7,18 +7,18 @@ cuBLAS runs the forward as a general fp32 GEMM at about a third of the memory ba
 the dispatch sends back; and in the graph ``torch.compile`` traced for the layer inside a bf16 autocast region
 (PyTorch 2.11, CUDA), the backward's matmuls ran in bf16 although the forward ran with autocast off. Here:
 
-* :func:`router_logits` computes ``x Wᵀ`` reading each row once;
+* :func:`router_logits_value` computes ``x Wᵀ`` reading each row once;
 * :func:`token_grad` writes each token's input gradient in one pass: the sum of its k dispatched rows' gradients
   (gathered through ``slot``, no atomics) plus ``dlogits · W`` (E multiply-adds per element, done as a small dot
   per block of rows);
-* :func:`router_weight_grad` computes ``dlogitsᵀ · x`` in fp32: each program reduces a span of rows and a
+* :func:`router_weight_grad_of` computes ``dlogitsᵀ · x`` in fp32: each program reduces a span of rows and a
   fixed-order sum adds the spans (deterministic, no atomics).
 
 The layer ties them together in one autograd node (``moe._GatherRouted``): the dispatch's rows and the router's
 logits leave the same forward, so their two gradients meet in one backward. The dot products run as ``tf32x3``
 (three TF32 tensor-core products per block, as accurate as fp32 for these sums) by default;
-``ROUTER["precision"] = "ieee"`` gives the plain fp32 product. Off CUDA (and without Triton) the same numbers
-come from PyTorch.
+``ROUTER["precision"] = "ieee"`` gives the plain fp32 product (always used on GPUs without TF32, before Ampere).
+Off CUDA (and without Triton) the same numbers come from PyTorch.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ if triton is not None:
 # BD columns; the token gradient's take token_BM tokens and token_BD columns.
 ROUTER = dict(BM=128, BK=64, warps=8, ROWS=512, BR=32, BD=128, grad_warps=4, token_BM=16, token_BD=128,
               token_warps=4, precision="tf32x3")
+
 
 def use_triton(x: Tensor) -> bool:
     """Whether the router's Triton kernels run for x: a CUDA tensor (a CPU one under Triton's interpreter)."""
@@ -107,25 +108,32 @@ def _padded_experts(E: int) -> int:
     return max(16, triton.next_power_of_2(E))  # tl.dot needs blocks of at least 16
 
 
+def _precision(device: torch.device) -> str:
+    """The dot products' precision: ``ROUTER["precision"]``, but plain fp32 on GPUs without TF32 (before Ampere)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return "ieee"
+    return ROUTER["precision"]
+
+
 @torch.library.custom_op("sadiffuseq::moe_router_logits", mutates_args=())
-def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+def _router_logits_op(x: Tensor, weight: Tensor) -> Tensor:
     """``x · weightᵀ`` in fp32: (N, E) from x (N, d) and weight (E, d), any float dtypes."""
     x, weight = x.contiguous(), weight.contiguous()
     (N, D), E = x.shape, weight.shape[0]
     out = torch.empty(N, E, dtype=torch.float32, device=x.device)
     BM, BK = ROUTER["BM"], ROUTER["BK"]
     _logits_kernel[(triton.cdiv(N, BM),)](x, weight, out, N, D, E, EP=_padded_experts(E), BM=BM, BK=BK,
-                                          PRECISION=ROUTER["precision"], num_warps=ROUTER["warps"])
+                                          PRECISION=_precision(x.device), num_warps=ROUTER["warps"])
     return out
 
 
-@router_logits.register_fake
+@_router_logits_op.register_fake
 def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("sadiffuseq::moe_router_weight_grad", mutates_args=())
-def router_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+def _router_weight_grad_op(grad: Tensor, x: Tensor) -> Tensor:
     """``gradᵀ · x`` in fp32: (E, d) from grad (N, E) and x (N, d); spans of ``ROUTER["ROWS"]`` rows reduced by one
     program each, the spans then added in order."""
     grad, x = grad.contiguous(), x.contiguous()
@@ -134,12 +142,12 @@ def router_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     spans = triton.cdiv(N, ROWS)
     part = torch.empty(spans, E, D, dtype=torch.float32, device=x.device)
     _weight_grad_kernel[(spans, triton.cdiv(D, BD))](x, grad, part, N, D, E, EP=_padded_experts(E), ROWS=ROWS,
-                                                     BR=BR, BD=BD, PRECISION=ROUTER["precision"],
+                                                     BR=BR, BD=BD, PRECISION=_precision(x.device),
                                                      num_warps=ROUTER["grad_warps"])
     return part.sum(0)
 
 
-@router_weight_grad.register_fake
+@_router_weight_grad_op.register_fake
 def _(grad, x):
     return x.new_empty(grad.shape[1], x.shape[1], dtype=torch.float32)
 
@@ -153,7 +161,7 @@ def _token_grad_op(grad_rows: Tensor, slot: Tensor, kept: Tensor | None, grad_lo
     BM, BD = ROUTER["token_BM"], ROUTER["token_BD"]
     _token_grad_kernel[(triton.cdiv(N, BM), triton.cdiv(D, BD))](
         grad_rows, slot, slot if kept is None else kept.contiguous(), grad_logits, weight, dx, N, D, E, K=k,
-        HAS_KEPT=kept is not None, EP=_padded_experts(E), BM=BM, BD=BD, PRECISION=ROUTER["precision"],
+        HAS_KEPT=kept is not None, EP=_padded_experts(E), BM=BM, BD=BD, PRECISION=_precision(dx.device),
         num_warps=ROUTER["token_warps"])
     return dx
 
