@@ -178,12 +178,6 @@ def dispatch(experts: torch.Tensor, n_experts: int, capacity: int | None = None)
     return Dispatch(pair, torch.div(pair, k, rounding_mode="floor"), expert, slot, kept, routed, counts, dropped)
 
 
-def _pairs_of_tokens(rows: torch.Tensor, slot: torch.Tensor, kept: torch.Tensor | None, k: int) -> torch.Tensor:
-    """Sorted rows (M, w) back in (token, slot) order, (N, k, w); a dropped pair's row is zero."""
-    out = rows.index_select(0, slot).view(-1, k, rows.shape[1])
-    return out if kept is None else out * kept.view(-1, k, 1).to(out.dtype)
-
-
 class _GatherRouted(torch.autograd.Function):
     """The rows of x (N, w) for the sorted token–expert pairs in ``dtype`` (``x[token]``, (M, w)), and the router's
     logits (N, E) with their gradient: one autograd node, so that both gradients with respect to x are written in

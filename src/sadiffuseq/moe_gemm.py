@@ -42,7 +42,7 @@ if triton is not None:
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from sadiffuseq.moe_kernels import _expert_tiles
+    from sadiffuseq.moe_kernels import _expert_tiles, _locate_tile
 
 # Launch settings per matmul: (BM, BN, BK) the tile, warps, software-pipeline stages, GROUP_M (how many row tiles
 # are launched together over all column tiles: they share their rows in L2) and, for the row-grouped kernel, the
@@ -137,13 +137,8 @@ if triton is not None:
     @triton.jit
     def _rows_tile(A_desc, B_desc, C, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TRANS_B: tl.constexpr):
-        # This tile's expert: the number of experts whose tiles all come before it (past the last tile: e = E, no
-        # row is valid and the loop below does not run).
-        e = tl.sum((last <= pid_m).to(tl.int32), 0)
-        this = idx == e
-        first_tile = tl.sum(tl.where(this, last - tiles, 0), 0)
-        row0 = tl.sum(tl.where(this, starts, 0), 0) + (pid_m - first_tile) * BM
-        end = tl.sum(tl.where(this, ends, 0), 0)
+        # Past the last tile e = E: no row is valid and the loop below does not run.
+        e, row0, end = _locate_tile(pid_m, idx, starts, ends, tiles, last, BM)
         k_stop = tl.where(e < E, K, 0)
         eb = tl.minimum(e, E - 1)
         n0 = pid_n * BN

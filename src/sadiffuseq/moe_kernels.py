@@ -115,17 +115,21 @@ if triton is not None:
         return idx, starts, ends, tiles, tl.cumsum(tiles, 0)
 
     @triton.jit
-    def _bias_gelu_backward_kernel(G, U, B, DU, PART, ENDS, F, E, EP: tl.constexpr, ROWS: tl.constexpr,
-                                   BM: tl.constexpr, BN: tl.constexpr):
-        t = tl.program_id(0)
-        idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, ROWS)
-        # This tile's expert: the number of experts whose tiles all come before it (past the last tile: e = EP, and
-        # the row range below is empty).
+    def _locate_tile(t, idx, starts, ends, tiles, last, ROWS: tl.constexpr):
+        """Tile t's expert, first row and the expert's end row, from :func:`_expert_tiles`. The expert is the number
+        of experts whose tiles all come before t; past the last tile it is E or more, and the row range is empty."""
         e = tl.sum((last <= t).to(tl.int32), 0)
         this = idx == e
         first_tile = tl.sum(tl.where(this, last - tiles, 0), 0)
         row0 = tl.sum(tl.where(this, starts, 0), 0) + (t - first_tile) * ROWS
-        end = tl.sum(tl.where(this, ends, 0), 0)
+        return e, row0, tl.sum(tl.where(this, ends, 0), 0)
+
+    @triton.jit
+    def _bias_gelu_backward_kernel(G, U, B, DU, PART, ENDS, F, E, EP: tl.constexpr, ROWS: tl.constexpr,
+                                   BM: tl.constexpr, BN: tl.constexpr):
+        t = tl.program_id(0)
+        idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, ROWS)
+        e, row0, end = _locate_tile(t, idx, starts, ends, tiles, last, ROWS)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         # (Past the last tile no row is valid: any expert's bias will do.)
         b = tl.load(B + tl.minimum(e, E - 1) * F + cols, mask=cols < F, other=0.0).to(tl.float32)[None, :]
@@ -147,11 +151,7 @@ if triton is not None:
                                   BN: tl.constexpr):
         t = tl.program_id(0)
         idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, ROWS)
-        e = tl.sum((last <= t).to(tl.int32), 0)  # this tile's expert (as in the backward)
-        this = idx == e
-        first_tile = tl.sum(tl.where(this, last - tiles, 0), 0)
-        row0 = tl.sum(tl.where(this, starts, 0), 0) + (t - first_tile) * ROWS
-        end = tl.sum(tl.where(this, ends, 0), 0)
+        e, row0, end = _locate_tile(t, idx, starts, ends, tiles, last, ROWS)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         b = tl.load(B + tl.minimum(e, E - 1) * F + cols, mask=cols < F, other=0.0).to(tl.float32)[None, :]
         for r in range(0, ROWS, BM):
