@@ -78,7 +78,7 @@ def _under_interpreter():
 def test_triton_experts_match_the_per_row_reference(monkeypatch, counts, d, H):
     """Output and all four gradients (the up bias's from the fused per-tile column sums); fp32 leaves."""
     _under_interpreter()
-    monkeypatch.setattr(moe_gemm, "LAUNCH", _launch(SMALL + (0,)))
+    monkeypatch.setattr(moe_gemm, "LAUNCH", _launch(SMALL + (0, 0)))
     t, expert, ends = _problem(counts, d, H)
     assert moe_gemm.supported(torch.device("cpu"), torch.float32, d, H)
     y, leaves = _run_triton(t, ends, torch.float32, expert)
@@ -92,21 +92,23 @@ def test_triton_experts_match_the_per_row_reference(monkeypatch, counts, d, H):
 
 def test_triton_experts_under_other_tiles(monkeypatch):
     """Other tile shapes, one per kernel, only change how the work is split (the row tiles taller than some experts,
-    an inner block wider than d)."""
+    an inner block wider than d, stores through the descriptor)."""
     _under_interpreter()
-    monkeypatch.setattr(moe_gemm, "LAUNCH", {"up": (32, 16, 16, 2, 2, 2, 0), "down": (16, 32, 32, 2, 2, 2, 0),
-                                             "down_input_grad": (32, 32, 16, 2, 2, 1, 0),
-                                             "up_input_grad": (16, 16, 32, 2, 2, 4, 0),
+    monkeypatch.setattr(moe_gemm, "LAUNCH", {"up": (32, 16, 16, 2, 2, 2, 0, 1), "down": (16, 32, 32, 2, 2, 2, 0, 0),
+                                             "down_input_grad": (32, 32, 16, 2, 2, 1, 0, 1),
+                                             "up_input_grad": (16, 16, 32, 2, 2, 4, 0, 0),
                                              "weight_grad": (32, 16, 32, 2, 2, 1)})
     _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
 
 
-@pytest.mark.parametrize("grid", [1, 2])
-def test_triton_experts_on_persistent_programs(monkeypatch, grid):
+@pytest.mark.parametrize("grid, tma_store", [(1, 0), (2, 0), (0, 1), (1, 1), (2, 1)])
+def test_triton_experts_on_persistent_programs(monkeypatch, grid, tma_store):
     """Persistent programs (4 on the CPU) looping over the row tiles that hold rows, with and without warp
-    specialisation (which the interpreter ignores: the same loop)."""
+    specialisation (which the interpreter ignores: the same loop); results stored through the descriptor, every
+    expert of a tile or more its last tile moved back to end at its last row (experts of 37 and 17 rows: the moved
+    tile overlaps the one before; 16 rows: one whole tile; 1 row: the masked store)."""
     _under_interpreter()
-    monkeypatch.setattr(moe_gemm, "LAUNCH", _launch(SMALL + (grid,)))
+    monkeypatch.setattr(moe_gemm, "LAUNCH", _launch(SMALL + (grid, tma_store)))
     _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
 
 
@@ -137,6 +139,26 @@ def test_gpu_triton_experts_in_bf16(counts, d, H):
     for name, g in want.items():
         assert leaves[name].grad.dtype == (torch.bfloat16 if name == "rows" else torch.float32)
         assert (leaves[name].grad.double() - g).abs().max() <= 2e-2 * g.abs().max(), name
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a CUDA GPU of compute capability 9.0 or newer")
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gpu_stores_through_the_descriptor_give_the_masked_stores_bits(monkeypatch, trans_b):
+    """With TMA stores, rows that two tiles of one expert share are written by both: the same bits either way, so
+    the result equals the masked stores' exactly (experts below, at and above a tile of 128 rows)."""
+    counts, d, H = (0, 370, 0, 129, 1, 128, 127, 2048), 256, 512
+    t, expert, ends = _problem(counts, d, H, torch.bfloat16, "cuda")
+    w = t["w_down"] if trans_b else t["w_up"]  # (E, H, d) used transposed: d → H; (E, d, H): d → H
+    outs = []
+    for tma_store in (0, 1):
+        for grid in (0, 1, 2):
+            monkeypatch.setitem(moe_gemm.LAUNCH, "up", (128, 256, 64, 8, 3, 8, grid, tma_store))
+            outs.append(torch.ops.sadiffuseq.moe_gmm(t["rows"], w, ends, trans_b, "up"))
+    want = torch.cat([r.float() @ (w[e].float().t() if trans_b else w[e].float())
+                      for e, r in enumerate(t["rows"].split(list(counts)))])
+    assert (outs[0].float() - want).abs().max() <= 1e-2 * want.abs().max()
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
 
 
 def test_probe_rejects_kernels_that_fail_or_disagree(monkeypatch):
