@@ -9,7 +9,7 @@ import torch
 
 from sadiffuseq import moe_router
 from sadiffuseq.config import ModelConfig
-from sadiffuseq.moe import MoEFFN
+from sadiffuseq.moe import MoEFFN, _RouteDispatch, dispatch, route, select_experts
 from sadiffuseq.moe_kernels import interpreting
 from sadiffuseq.moe_router import router_logits_value, router_weight_grad_of, token_grad
 
@@ -67,6 +67,55 @@ def test_triton_router_kernels_match_float64(monkeypatch, N, D, E, k):
     _check_all(N, D, E, k)
 
 
+def _check_fused_routing(N, D, E, k, with_bias, device="cpu"):
+    """The fused routing of a dropless layer (moe._RouteDispatch) against the PyTorch routing: the same experts,
+    sorted order and rows; gates, mean probabilities, z-loss and entropy, and x's and the router's gradients from
+    all four differentiable outputs, against float64."""
+    x, w, *_ = _problem(N, D, E, k, device=device)
+    g = torch.Generator().manual_seed(1)
+    bias = (torch.randn(E, generator=g) * 0.05).to(device) if with_bias else None
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    rows, gates, pmean, stats, experts, slot, pair, token, expert, counts, ends = _RouteDispatch.apply(
+        xr, wr, bias, k, torch.float32)
+
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    logits = xd @ wd.t()
+    assert torch.equal(experts, select_experts(logits.float().detach(), k, bias))
+    want = dispatch(experts, E)
+    for name in ("pair", "token", "expert", "slot", "counts"):
+        assert torch.equal(locals()[name], getattr(want, name)), name
+    assert torch.equal(ends, torch.cumsum(want.counts, 0).int())
+    assert torch.equal(rows, x[want.token])
+    r = route(logits, experts)
+    lse = torch.logsumexp(logits, -1)
+    want_stats = [lse.pow(2).mean(), (lse - (r.probs * logits).sum(-1)).mean()]
+    for got, ref in [(gates, r.gates), (pmean, r.probs.mean(0))] + list(zip(stats, want_stats)):
+        assert _relative_error(got, ref.detach()) < 1e-5
+
+    up = [torch.randn(t.shape, generator=g).to(device) for t in (rows, gates, pmean)] + [torch.tensor(0.7)]
+    loss = (rows * up[0]).sum() + (gates * up[1]).sum() + (pmean * up[2]).sum() + up[3].to(device) * stats[0]
+    loss.backward()
+    ref = ((xd[want.token] * up[0].double()).sum() + (r.gates * up[1].double()).sum()
+           + (r.probs.mean(0) * up[2].double()).sum() + 0.7 * want_stats[0])
+    ref.backward()
+    assert _relative_error(xr.grad, xd.grad) < 1e-5
+    assert _relative_error(wr.grad, wd.grad) < 1e-5
+
+
+@pytest.mark.parametrize("N, D, E, k", CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_fused_routing_matches_the_pytorch_routing(monkeypatch, N, D, E, k, with_bias):
+    pytest.importorskip("triton")
+    if not interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_router_under_the_interpreter starts it)")
+    # Blocks of 16 tokens, the scan 2 blocks at a time, 16 columns per dispatch program: every loop runs often.
+    for key, value in dict(BM=16, BK=16, BD=16, CH=2).items():
+        monkeypatch.setitem(moe_router.ROUTE, key, value)
+    monkeypatch.setitem(moe_router.ROUTER, "token_BM", 16)
+    monkeypatch.setitem(moe_router.ROUTER, "token_BD", 16)
+    _check_fused_routing(N, D, E, k, with_bias)
+
+
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.6])
 def test_triton_router_in_the_layer_gives_the_pytorch_gradients(monkeypatch, capacity_factor):
     """The whole layer with the router's kernels against the same layer on the PyTorch path (which test_moe checks
@@ -120,6 +169,12 @@ def test_router_gradients_stay_fp32_under_autocast(compile_options):
 @pytest.mark.parametrize("N, D, E, k", CASES + [(32768, 768, 8, 2)])
 def test_gpu_router_kernels_match_float64(N, D, E, k):
     _check_all(N, D, E, k, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("N, D, E, k", CASES + [(32768, 768, 8, 2)])
+def test_gpu_fused_routing_matches_the_pytorch_routing(N, D, E, k):
+    _check_fused_routing(N, D, E, k, with_bias=True, device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

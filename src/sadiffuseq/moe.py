@@ -71,6 +71,7 @@ from sadiffuseq.config import ModelConfig
 from sadiffuseq.errors import UserError
 from sadiffuseq.moe_gemm import experts_ffn
 from sadiffuseq.moe_kernels import bias_gelu
+from sadiffuseq import moe_router
 from sadiffuseq.moe_router import router_logits_value, router_weight_grad_of, token_grad
 
 
@@ -142,6 +143,7 @@ class Dispatch:
     routed: torch.Tensor  # (E,) pairs routed to each expert (before any capacity drop)
     counts: torch.Tensor  # (E,) pairs each expert computes (after the capacity drop)
     dropped: torch.Tensor  # () number of dropped pairs
+    ends: torch.Tensor | None = None  # (E,) int32, the running sums of ``counts`` (None: computed when needed)
 
 
 def capacity_of(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int | None:
@@ -216,6 +218,44 @@ class _GatherRouted(torch.autograd.Function):
             grad_x = token_grad(grad_rows, slot, kept, grad_logits, weight, ctx.k, x.dtype)
             grad_w = router_weight_grad_of(grad_logits, x).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None, None, None, None, None
+
+
+class _RouteDispatch(torch.autograd.Function):
+    """The whole routing of a dropless layer on the GPU, three kernels forward and one backward
+    (:mod:`sadiffuseq.moe_router`): the router's logits, softmax, top-k and gates with each block's histogram of
+    chosen experts; a scan of the histograms (each block's first sorted row per expert, the counts, the mean
+    probabilities, logsumexp² and entropy, all summed in a fixed order); the counting sort's ranks and the cast
+    rows stored to their sorted places. What the PyTorch path does in about twenty small kernels, a radix sort
+    among them.
+
+    Outputs with gradients: the sorted rows (M, w) in ``dtype``, the gates (N, k), the mean probability per expert
+    (E, for the balance loss) and ``stats`` = (mean logsumexp², mean entropy) (the first is the z-loss). Then the
+    integer outputs: experts (N, k), slot, pair, token, sorted expert (M,), counts (E,) and their running sums (E,
+    int32). The backward finds the logits' gradient from those of the gates, the mean probabilities and the
+    z-loss, and writes x's gradient in one pass (:func:`~sadiffuseq.moe_router.token_grad`'s gather-sum plus
+    ``dlogits · W``); the router's weight gradient is fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k: int, dtype: torch.dtype):
+        out = torch.ops.sadiffuseq.moe_route_dispatch(x, weight, bias, k, dtype)
+        rows, logits, experts, gates, slot, pair, token, expert, counts, ends, pmean, stats = out
+        ctx.save_for_backward(x, weight, logits, experts, slot)
+        ctx.k = k
+        ctx.mark_non_differentiable(experts, slot, pair, token, expert, counts, ends)
+        return rows, gates, pmean, stats, experts, slot, pair, token, expert, counts, ends
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_gates, grad_pmean, grad_stats, *_):
+        x, weight, logits, experts, slot = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            if grad_rows is None:
+                grad_rows = x.new_zeros(slot.numel(), x.shape[1])
+            grad_z = None if grad_stats is None else grad_stats[:1]
+            grad_x, grad_logits = torch.ops.sadiffuseq.moe_route_token_grad(
+                grad_rows, slot, logits, experts, grad_gates, grad_pmean, grad_z, weight, ctx.k, x.dtype)
+            grad_w = router_weight_grad_of(grad_logits, x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None, None, None
 
 
 class _CombinePairs(torch.autograd.Function):
@@ -315,6 +355,7 @@ def experts_forward(
     w_down: torch.Tensor,
     b_down: torch.Tensor | None,
     impl: str,
+    ends: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``GELU(x W_up[e] + b_up[e]) W_down[e] + b_down[e]`` for rows x (M, d) sorted by expert ``expert`` (M,)
     (``counts[e]`` rows of expert e, contiguous), in x's dtype (the parameters are cast to it). With ``b_down=None``
@@ -324,7 +365,7 @@ def experts_forward(
     (:mod:`sadiffuseq.moe_gemm`); ``grouped`` — one ``torch._grouped_mm`` per projection, the up projection's bias
     and the GELU one autograd node with a fused backward (:mod:`sadiffuseq.moe_kernels`); ``loop`` — one matmul per
     expert (the reference and the fallback)."""
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    offsets = torch.cumsum(counts, 0).to(torch.int32) if ends is None else ends
     if impl == "triton":
         y = experts_ffn(x, w_up, b_up, w_down, expert, offsets)
     else:
@@ -525,40 +566,63 @@ class MoEFFN(nn.Module):
         dtype = compute_dtype(x)
 
         weight = self.router.weight
-        logits = router_logits_value(flat, weight)  # fp32, no gradient yet: it chooses the experts
-        experts = select_experts(logits, self.top_k, self.route_bias)
         cap = capacity_of(self.capacity_factor, n, self.top_k, self.n_experts)
-        disp = dispatch(experts, self.n_experts, cap)
-        impl = self.resolve_impl(x.device, dtype, torch.compiler.is_compiling()) if disp.pair.numel() else "loop"
         with torch.autocast(dev, enabled=False):
-            # The logits get their gradient from the node that also gathers the rows.
-            rows, logits = _GatherRouted.apply(flat, weight, logits, disp.token, disp.slot, disp.kept, self.top_k, dtype)
-            r = route(logits, experts)
-            ys = experts_forward(rows, disp.expert, disp.counts, self.w_up, self.b_up, self.w_down, None, impl)
-            gates = r.gates.to(dtype)
+            if cap is None and moe_router.use_triton(flat):
+                rows, gates, experts, disp, aux, entropy = self._route_fused(flat, dtype)
+            else:
+                rows, gates, experts, disp, aux, entropy = self._route(flat, dtype, cap)
+            impl = self.resolve_impl(x.device, dtype, torch.compiler.is_compiling()) if disp.pair.numel() else "loop"
+            ys = experts_forward(rows, disp.expert, disp.counts, self.w_up, self.b_up, self.w_down, None, impl,
+                                 disp.ends)
+            gates = gates.to(dtype)
             if disp.kept is not None:  # a dropped pair contributes nothing, its expert's bias included
                 gates = gates * disp.kept.view(n, self.top_k).to(dtype)
             # Back to token order, gate-weighted, with the down projections' biases. In the compute dtype: the sum
             # over the k slots accumulates in fp32 inside the reduction, and fp32 copies of the (N, k, d) outputs
             # would double the memory traffic of the combine and of its backward.
             y = _CombinePairs.apply(
-                ys, gates, self.b_down.to(dtype), r.experts, disp.expert, disp.pair, disp.token, disp.slot, disp.kept
+                ys, gates, self.b_down.to(dtype), experts, disp.expert, disp.pair, disp.token, disp.slot, disp.kept
             )
         if self.shared is not None:
             y = y + self.shared(flat)
 
-        frac = disp.routed.float() / max(1, n * self.top_k)
-        self.last_aux = {
-            "balance": self.n_experts * (frac * r.probs.mean(0)).sum(),
-            "z": torch.logsumexp(r.logits, -1).pow(2).mean(),
-        }
-        with torch.no_grad():
-            entropy = -(r.probs * r.logits.log_softmax(-1)).sum(-1).mean()
-        self.last_stats = {"load": frac.detach(), "entropy": entropy, "dropped": disp.dropped}
+        self.last_aux = aux
+        self.last_stats = {"load": disp.routed.float().detach() / max(1, n * self.top_k), "entropy": entropy,
+                           "dropped": disp.dropped}
         if self.route_pending is not None and self.training and torch.is_grad_enabled():
             with torch.no_grad():
                 self.route_pending.add_(disp.routed.float())
         return y.view(shape)
+
+    def _route(self, flat: torch.Tensor, dtype: torch.dtype, cap: int | None):
+        """Routing and dispatch in PyTorch (any device, and with a capacity): the sorted rows in ``dtype``, the
+        gates (N, k) fp32, the chosen experts (N, k), the :class:`Dispatch`, the auxiliary losses and the mean
+        router entropy."""
+        n = flat.shape[0]
+        weight = self.router.weight
+        logits = router_logits_value(flat, weight)  # fp32, no gradient yet: it chooses the experts
+        experts = select_experts(logits, self.top_k, self.route_bias)
+        disp = dispatch(experts, self.n_experts, cap)
+        # The logits get their gradient from the node that also gathers the rows.
+        rows, logits = _GatherRouted.apply(flat, weight, logits, disp.token, disp.slot, disp.kept, self.top_k, dtype)
+        r = route(logits, experts)
+        frac = disp.routed.float() / max(1, n * self.top_k)
+        aux = {"balance": self.n_experts * (frac * r.probs.mean(0)).sum(),
+               "z": torch.logsumexp(r.logits, -1).pow(2).mean()}
+        with torch.no_grad():
+            entropy = -(r.probs * r.logits.log_softmax(-1)).sum(-1).mean()
+        return rows, r.gates, experts, disp, aux, entropy
+
+    def _route_fused(self, flat: torch.Tensor, dtype: torch.dtype):
+        """:meth:`_route` for a dropless layer on the GPU: the same results from :class:`_RouteDispatch`."""
+        n = flat.shape[0]
+        out = _RouteDispatch.apply(flat, self.router.weight, self.route_bias, self.top_k, dtype)
+        rows, gates, pmean, stats, experts, slot, pair, token, expert, counts, ends = out
+        disp = Dispatch(pair, token, expert, slot, None, counts, counts, flat.new_zeros((), dtype=torch.long), ends)
+        frac = counts.float() / max(1, n * self.top_k)
+        aux = {"balance": self.n_experts * (frac * pmean).sum(), "z": stats[0]}
+        return rows, gates, experts, disp, aux, stats[1].detach()
 
 
 # ---------------------------------------------------------------------------------------------------------

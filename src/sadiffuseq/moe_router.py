@@ -37,6 +37,9 @@ if triton is not None:
 # BD columns; the token gradient's take token_BM tokens and token_BD columns.
 ROUTER = dict(BM=128, BK=64, warps=8, ROWS=512, BR=32, BD=128, grad_warps=4, token_BM=16, token_BD=128,
               token_warps=4, precision="tf32x3")
+# The fused routing of a dropless layer (:func:`route_dispatch`): the selection kernel takes BM tokens per program
+# (BK columns at a time), and so does the dispatch, BD columns per program; the scan goes CH blocks at a time.
+ROUTE = dict(BM=64, BK=64, warps=4, BD=128, dispatch_warps=4, CH=64)
 
 
 def use_triton(x: Tensor) -> bool:
@@ -100,6 +103,189 @@ if triton is not None:
         w = tl.load(W + experts[:, None] * D + cols[None, :], mask=(experts < E)[:, None] & col_ok,
                     other=0.0).to(tl.float32)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        tl.store(DX + tokens.to(tl.int64)[:, None] * D + cols[None, :], acc.to(DX.dtype.element_ty),
+                 mask=inside[:, None] & col_ok)
+
+
+    # --- The fused routing of a dropless layer: selection, the counting sort and the dispatch, its backward ---
+
+    @triton.jit
+    def _route_kernel(X, W, BIAS, LOGITS, EXPERTS, GATES, HIST, PSUM, SSUM, N, D, E, K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        """BM tokens: their logits (as ``_logits_kernel``), softmax, top-k and gates, and the block's partial sums:
+        pairs per expert (HIST), probabilities per expert (PSUM), logsumexp² and entropy (SSUM)."""
+        b = tl.program_id(0)
+        rows = b * BM + tl.arange(0, BM)
+        inside = rows < N
+        experts = tl.arange(0, EP)
+        valid = (experts < E)[None, :]
+        acc = tl.zeros((BM, EP), dtype=tl.float32)
+        for k in range(0, D, BK):
+            cols = k + tl.arange(0, BK)
+            x = tl.load(X + rows.to(tl.int64)[:, None] * D + cols[None, :],
+                        mask=inside[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            w = tl.load(W + experts[None, :] * D + cols[:, None], mask=valid & (cols < D)[:, None],
+                        other=0.0).to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        tl.store(LOGITS + rows.to(tl.int64)[:, None] * E + experts[None, :], acc, mask=inside[:, None] & valid)
+        logits = tl.where(valid, acc, float("-inf"))
+        top = tl.max(logits, 1)
+        ex = tl.exp(logits - top[:, None])
+        total = tl.sum(ex, 1)
+        probs = ex / total[:, None]
+        lse = top + tl.log(total)
+        score = probs
+        if HAS_BIAS:
+            score = probs + tl.load(BIAS + experts, mask=experts < E, other=0.0).to(tl.float32)[None, :]
+        score = tl.where(valid, score, float("-inf"))
+        # k rounds of argmax (the lowest index wins a tie, as torch.argmax); first for the sum of the chosen
+        # probabilities, then again to store the renormalised gates (top_k = 1: the raw probability).
+        chosen_sum = tl.zeros((BM,), dtype=tl.float32)
+        s = score
+        for j in tl.static_range(K):
+            best = tl.argmax(s, 1, tie_break_left=True)
+            pick = experts[None, :] == best[:, None]
+            chosen_sum += tl.sum(tl.where(pick, probs, 0.0), 1)
+            s = tl.where(pick, float("-inf"), s)
+        if K == 1:
+            chosen_sum = tl.full((BM,), 1.0, tl.float32)
+        count = tl.zeros((EP,), dtype=tl.int32)
+        s = score
+        for j in tl.static_range(K):
+            best = tl.argmax(s, 1, tie_break_left=True)
+            pick = experts[None, :] == best[:, None]
+            at = rows.to(tl.int64) * K + j
+            tl.store(EXPERTS + at, best.to(tl.int64), mask=inside)
+            tl.store(GATES + at, tl.sum(tl.where(pick, probs, 0.0), 1) / chosen_sum, mask=inside)
+            count += tl.sum((pick & inside[:, None]).to(tl.int32), 0)
+            s = tl.where(pick, float("-inf"), s)
+        tl.store(HIST + b * EP + experts, count)
+        tl.store(PSUM + b * EP + experts, tl.sum(tl.where(inside[:, None], probs, 0.0), 0))
+        # Entropy: -Σ p log p = lse - Σ p · logit (the padded lanes hold p = 0 and logit = -inf: left out).
+        entropy = lse - tl.sum(tl.where(valid, probs * acc, 0.0), 1)
+        tl.store(SSUM + b * 2, tl.sum(tl.where(inside, lse * lse, 0.0), 0))
+        tl.store(SSUM + b * 2 + 1, tl.sum(tl.where(inside, entropy, 0.0), 0))
+
+    @triton.jit
+    def _route_scan_kernel(HIST, PSUM, SSUM, BASE, COUNTS, ENDS, PMEAN, STATS, N, B, E, EP: tl.constexpr,
+                           CH: tl.constexpr):
+        """One program: the blocks' histograms to each block's first sorted row per expert (BASE: the rows of the
+        experts before, then of the blocks before), the counts and their running sums, and the means of the
+        probabilities (PMEAN), of logsumexp² and of the entropy (STATS), summed block by block in order."""
+        experts = tl.arange(0, EP)
+        total = tl.zeros((EP,), dtype=tl.int32)
+        psum = tl.zeros((EP,), dtype=tl.float32)
+        ssum = tl.zeros((2,), dtype=tl.float32)
+        for c in range(0, B, CH):
+            blocks = c + tl.arange(0, CH)
+            ok = (blocks < B)[:, None]
+            total += tl.sum(tl.load(HIST + blocks[:, None] * EP + experts[None, :], mask=ok, other=0), 0)
+            psum += tl.sum(tl.load(PSUM + blocks[:, None] * EP + experts[None, :], mask=ok, other=0.0), 0)
+            ssum += tl.sum(tl.load(SSUM + blocks[:, None] * 2 + tl.arange(0, 2)[None, :], mask=ok, other=0.0), 0)
+        running = tl.cumsum(total, 0) - total
+        for c in range(0, B, CH):
+            blocks = c + tl.arange(0, CH)
+            ok = (blocks < B)[:, None]
+            h = tl.load(HIST + blocks[:, None] * EP + experts[None, :], mask=ok, other=0)
+            tl.store(BASE + blocks[:, None] * EP + experts[None, :], tl.cumsum(h, 0) - h + running[None, :], mask=ok)
+            running += tl.sum(h, 0)
+        tl.store(COUNTS + experts, total.to(tl.int64), mask=experts < E)
+        tl.store(ENDS + experts, tl.cumsum(total, 0), mask=experts < E)
+        tl.store(PMEAN + experts, psum / N, mask=experts < E)
+        tl.store(STATS + tl.arange(0, 2), ssum / N)
+
+    @triton.jit
+    def _route_dispatch_kernel(X, EXPERTS, BASE, ROWS_OUT, SLOT, PAIR, TOKEN, SORTED_EXPERT, N, D,
+                               K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr,
+                               BD: tl.constexpr):
+        """BM tokens' k pairs to their sorted rows — the block's first row per expert plus the pair's rank among the
+        block's pairs of that expert, in token order — and the tokens' rows, cast, stored to those rows (BD columns
+        per program). The programs of the first column block also write the index arrays. (Pairs are laid out
+        (token, KP ≥ k lanes) and flattened in that order: the same order as the pairs themselves.)"""
+        b = tl.program_id(0)
+        tokens = b * BM + tl.arange(0, BM)
+        lanes = tl.arange(0, KP)
+        pairs = tl.reshape(tokens[:, None] * K + lanes[None, :], (BM * KP,))
+        ok = tl.reshape((tokens < N)[:, None] & (lanes < K)[None, :], (BM * KP,))
+        expert = tl.load(EXPERTS + pairs, mask=ok, other=0)
+        experts = tl.arange(0, EP)
+        onehot = (expert[:, None] == experts[None, :]) & ok[:, None]
+        rank = tl.cumsum(onehot.to(tl.int32), 0) - 1
+        base = tl.load(BASE + b * EP + experts)
+        slot = tl.sum(tl.where(onehot, rank + base[None, :], 0), 1)
+        if tl.program_id(1) == 0:
+            tl.store(SLOT + pairs, slot.to(tl.int64), mask=ok)
+            tl.store(PAIR + slot, pairs.to(tl.int64), mask=ok)
+            tl.store(TOKEN + slot, (pairs // K).to(tl.int64), mask=ok)
+            tl.store(SORTED_EXPERT + slot, expert.to(tl.int64), mask=ok)
+        cols = tl.program_id(1) * BD + tl.arange(0, BD)
+        col_ok = (cols < D)[None, :]
+        x = tl.load(X + tokens.to(tl.int64)[:, None] * D + cols[None, :], mask=(tokens < N)[:, None] & col_ok,
+                    other=0.0).to(ROWS_OUT.dtype.element_ty)
+        slots = tl.reshape(slot, (BM, KP))
+        for j in tl.static_range(K):
+            row = tl.sum(tl.where(lanes[None, :] == j, slots, 0), 1)
+            tl.store(ROWS_OUT + row.to(tl.int64)[:, None] * D + cols[None, :], x,
+                     mask=(tokens < N)[:, None] & col_ok)
+
+    @triton.jit
+    def _route_token_grad_kernel(DR, SLOT, LOGITS, EXPERTS, DG, DPM, DZ, W, DX, DL, N, D, E, K: tl.constexpr,
+                                 HAS_DG: tl.constexpr, HAS_DPM: tl.constexpr, HAS_DZ: tl.constexpr,
+                                 EP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+        """``_token_grad_kernel`` for the fused routing, which first finds the logits' gradient itself: from the
+        gates' (DG), the mean probabilities' (DPM) and the z-loss's (DZ), through the gates' renormalisation and
+        the softmax. The programs of the first column block write it (DL) for the router's weight gradient."""
+        tokens = tl.program_id(0) * BM + tl.arange(0, BM)
+        inside = tokens < N
+        experts = tl.arange(0, EP)
+        valid = (experts < E)[None, :]
+        lmask = inside[:, None] & valid
+        logits = tl.load(LOGITS + tokens.to(tl.int64)[:, None] * E + experts[None, :], mask=lmask,
+                         other=float("-inf"))
+        top = tl.where(inside, tl.max(logits, 1), 0.0)
+        ex = tl.where(lmask, tl.exp(logits - top[:, None]), 0.0)
+        total = tl.where(inside, tl.sum(ex, 1), 1.0)  # (rows past N: all zero, no 0 / 0)
+        probs = ex / total[:, None]
+        dprobs = tl.zeros((BM, EP), dtype=tl.float32)
+        if HAS_DPM:
+            dprobs += tl.load(DPM + experts, mask=experts < E, other=0.0)[None, :] / N
+        if HAS_DG:
+            # gates g_j = p_j / S (S = Σ_j p_j over the chosen): dL/dp_j = (dg_j - Σ_i dg_i g_i) / S; top_k = 1: dg.
+            chosen_sum = tl.zeros((BM,), dtype=tl.float32)
+            weighted = tl.zeros((BM,), dtype=tl.float32)
+            for j in tl.static_range(K):
+                e_j = tl.load(EXPERTS + tokens.to(tl.int64) * K + j, mask=inside, other=0)
+                p_j = tl.sum(tl.where(experts[None, :] == e_j[:, None], probs, 0.0), 1)
+                dg_j = tl.load(DG + tokens.to(tl.int64) * K + j, mask=inside, other=0.0)
+                chosen_sum += p_j
+                weighted += dg_j * p_j
+            chosen_sum = tl.where(inside, chosen_sum, 1.0)
+            if K == 1:
+                chosen_sum = tl.full((BM,), 1.0, tl.float32)
+                weighted = tl.zeros((BM,), dtype=tl.float32)
+            for j in tl.static_range(K):
+                e_j = tl.load(EXPERTS + tokens.to(tl.int64) * K + j, mask=inside, other=0)
+                dg_j = tl.load(DG + tokens.to(tl.int64) * K + j, mask=inside, other=0.0)
+                d_j = (dg_j - weighted / chosen_sum) / chosen_sum
+                dprobs += tl.where(experts[None, :] == e_j[:, None], d_j[:, None], 0.0)
+        dl = probs * (dprobs - tl.sum(probs * dprobs, 1)[:, None])
+        if HAS_DZ:
+            lse = top + tl.log(total)
+            dl += (2.0 * tl.load(DZ) / N) * lse[:, None] * probs
+        dl = tl.where(lmask, dl, 0.0)
+        if tl.program_id(1) == 0:
+            tl.store(DL + tokens.to(tl.int64)[:, None] * E + experts[None, :], dl, mask=lmask)
+        cols = tl.program_id(1) * BD + tl.arange(0, BD)
+        col_ok = (cols < D)[None, :]
+        acc = tl.zeros((BM, BD), dtype=tl.float32)
+        for j in tl.static_range(K):
+            row = tl.load(SLOT + tokens.to(tl.int64) * K + j, mask=inside, other=0)
+            acc += tl.load(DR + row[:, None] * D + cols[None, :], mask=inside[:, None] & col_ok,
+                           other=0.0).to(tl.float32)
+        w = tl.load(W + experts[:, None] * D + cols[None, :], mask=(experts < E)[:, None] & col_ok,
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(dl, w, acc, input_precision=PRECISION)
         tl.store(DX + tokens.to(tl.int64)[:, None] * D + cols[None, :], acc.to(DX.dtype.element_ty),
                  mask=inside[:, None] & col_ok)
 
@@ -169,6 +355,72 @@ def _token_grad_op(grad_rows: Tensor, slot: Tensor, kept: Tensor | None, grad_lo
 @_token_grad_op.register_fake
 def _(grad_rows, slot, kept, grad_logits, weight, k, dtype):
     return grad_rows.new_empty(grad_logits.shape[0], grad_rows.shape[1], dtype=dtype)
+
+
+@torch.library.custom_op("sadiffuseq::moe_route_dispatch", mutates_args=())
+def _route_dispatch_op(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, dtype: torch.dtype) -> tuple[
+        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x, weight = x.contiguous(), weight.contiguous()
+    (N, D), E = x.shape, weight.shape[0]
+    BM, EP = ROUTE["BM"], _padded_experts(E)
+    B = triton.cdiv(N, BM)
+    dev = x.device
+    logits = torch.empty(N, E, dtype=torch.float32, device=dev)
+    experts = torch.empty(N, k, dtype=torch.long, device=dev)
+    gates = torch.empty(N, k, dtype=torch.float32, device=dev)
+    hist = torch.empty(B, EP, dtype=torch.int32, device=dev)
+    psum = torch.empty(B, EP, dtype=torch.float32, device=dev)
+    ssum = torch.empty(B, 2, dtype=torch.float32, device=dev)
+    _route_kernel[(B,)](x, weight, logits if bias is None else bias.contiguous(), logits, experts, gates, hist, psum,
+                        ssum, N, D, E, K=k, HAS_BIAS=bias is not None, EP=EP, BM=BM, BK=ROUTE["BK"],
+                        PRECISION=_precision(dev), num_warps=ROUTE["warps"])
+    base = torch.empty(B, EP, dtype=torch.int32, device=dev)
+    counts = torch.empty(E, dtype=torch.long, device=dev)
+    ends = torch.empty(E, dtype=torch.int32, device=dev)
+    pmean = torch.empty(E, dtype=torch.float32, device=dev)
+    stats = torch.empty(2, dtype=torch.float32, device=dev)
+    _route_scan_kernel[(1,)](hist, psum, ssum, base, counts, ends, pmean, stats, N, B, E, EP=EP, CH=ROUTE["CH"],
+                             num_warps=4)
+    M = N * k
+    rows = torch.empty(M, D, dtype=dtype, device=dev)
+    slot, pair, token, expert = (torch.empty(M, dtype=torch.long, device=dev) for _ in range(4))
+    _route_dispatch_kernel[(B, triton.cdiv(D, ROUTE["BD"]))](x, experts, base, rows, slot, pair, token, expert, N,
+                                                             D, K=k, KP=triton.next_power_of_2(k), EP=EP, BM=BM,
+                                                             BD=ROUTE["BD"], num_warps=ROUTE["dispatch_warps"])
+    return rows, logits, experts, gates, slot, pair, token, expert, counts, ends, pmean, stats
+
+
+@_route_dispatch_op.register_fake
+def _(x, weight, bias, k, dtype):
+    (N, D), E, M = x.shape, weight.shape[0], x.shape[0] * k
+    f32, i64 = torch.float32, torch.long
+    return (x.new_empty(M, D, dtype=dtype), x.new_empty(N, E, dtype=f32), x.new_empty(N, k, dtype=i64),
+            x.new_empty(N, k, dtype=f32), *(x.new_empty(M, dtype=i64) for _ in range(4)), x.new_empty(E, dtype=i64),
+            x.new_empty(E, dtype=torch.int32), x.new_empty(E, dtype=f32), x.new_empty(2, dtype=f32))
+
+
+@torch.library.custom_op("sadiffuseq::moe_route_token_grad", mutates_args=())
+def _route_token_grad_op(grad_rows: Tensor, slot: Tensor, logits: Tensor, experts: Tensor, grad_gates: Tensor | None,
+                         grad_pmean: Tensor | None, grad_z: Tensor | None, weight: Tensor, k: int,
+                         dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    grad_rows, slot, logits, experts, weight = (t.contiguous() for t in (grad_rows, slot, logits, experts, weight))
+    (N, E), D = logits.shape, grad_rows.shape[1]
+    dx = torch.empty(N, D, dtype=dtype, device=grad_rows.device)
+    dlogits = torch.empty(N, E, dtype=torch.float32, device=grad_rows.device)
+    BM, BD = ROUTER["token_BM"], ROUTER["token_BD"]
+    _route_token_grad_kernel[(triton.cdiv(N, BM), triton.cdiv(D, BD))](
+        grad_rows, slot, logits, experts, logits if grad_gates is None else grad_gates.contiguous(),
+        logits if grad_pmean is None else grad_pmean.contiguous(), logits if grad_z is None else grad_z.contiguous(),
+        weight, dx, dlogits, N, D, E, K=k, HAS_DG=grad_gates is not None, HAS_DPM=grad_pmean is not None,
+        HAS_DZ=grad_z is not None, EP=_padded_experts(E), BM=BM, BD=BD, PRECISION=_precision(dx.device),
+        num_warps=ROUTER["token_warps"])
+    return dx, dlogits
+
+
+@_route_token_grad_op.register_fake
+def _(grad_rows, slot, logits, experts, grad_gates, grad_pmean, grad_z, weight, k, dtype):
+    N, E = logits.shape
+    return grad_rows.new_empty(N, grad_rows.shape[1], dtype=dtype), logits.new_empty(N, E)
 
 
 def token_grad(grad_rows: Tensor, slot: Tensor, kept: Tensor | None, grad_logits: Tensor, weight: Tensor, k: int,
