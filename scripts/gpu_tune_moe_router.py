@@ -16,6 +16,8 @@ from sadiffuseq.bench import graph_time_ms
 
 parser = argparse.ArgumentParser()
 parser.add_argument("lengths", type=int, nargs="*", default=[8192, 32768])
+GROUPS = ["forward", "weight_grad", "token_grad", "route", "route_grad"]
+parser.add_argument("--only", nargs="+", default=GROUPS, choices=GROUPS, help="which kernels to tune")
 args = parser.parse_args()
 D, E, K = 768, 8, 2
 print("torch", torch.__version__, torch.cuda.get_device_name())
@@ -34,10 +36,12 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def tune(label, keys, candidates, call, check):
+def tune(label, keys, candidates, call, check, table=moe_router.ROUTER):
+    if label.replace(" ", "_") not in args.only:
+        return
     best, best_total = None, float("inf")
     for values in candidates:
-        moe_router.ROUTER.update(dict(zip(keys, values)))
+        table.update(dict(zip(keys, values)))
         times = []
         for N in args.lengths:
             try:
@@ -50,7 +54,7 @@ def tune(label, keys, candidates, call, check):
         print(f"  {label} {values}: " + ", ".join(f"{N}: {t:.1f} us" for N, t in zip(args.lengths, times)))
         if sum(times) < best_total:
             best, best_total = values, sum(times)
-    moe_router.ROUTER.update(dict(zip(keys, best)))
+    table.update(dict(zip(keys, best)))
     print(f"{label}: best {dict(zip(keys, best))}")
 
 
@@ -78,4 +82,32 @@ tune("token grad", ("token_BM", "token_BD", "token_warps"),
      lambda N: ops.moe_token_grad(data[N][3], data[N][4], None, data[N][2], data[N][1], K, torch.float32),
      lambda N: rel(ops.moe_token_grad(data[N][3], data[N][4], None, data[N][2], data[N][1], K, torch.float32),
                    want[N][2]))
+
+# The fused routing of a dropless layer: its three forward kernels timed together (one op), checked against the
+# results of the starting settings (the index arrays and rows exactly, the float outputs to 1e-5), and its backward.
+bias = torch.randn(E, device="cuda", generator=g) * 0.01
+first = {N: ops.moe_route_dispatch(data[N][0], data[N][1], bias, K, torch.bfloat16) for N in args.lengths}
+grads = {N: (torch.randn(N, K, device="cuda", generator=g), torch.randn(E, device="cuda", generator=g),
+             torch.randn(1, device="cuda", generator=g)) for N in args.lengths}
+
+
+def route_error(N):
+    got = ops.moe_route_dispatch(data[N][0], data[N][1], bias, K, torch.bfloat16)
+    exact = all(torch.equal(a, b) for a, b in zip(got, first[N]) if not a.is_floating_point() or a.dtype != torch.float32)
+    return max(rel(a, b) for a, b in zip(got, first[N]) if a.dtype == torch.float32) if exact else float("inf")
+
+
+def route_grad(N):
+    rows, logits, experts, gates, slot, *_ = first[N]
+    return ops.moe_route_token_grad(data[N][3], slot, logits, experts, *grads[N], data[N][1], K, torch.float32)
+
+
+grad_want = {N: [t.clone() for t in route_grad(N)] for N in args.lengths}
+tune("route", ("BM", "BK", "warps"), itertools.product((32, 64, 128), (64, 128), (4, 8)),
+     lambda N: ops.moe_route_dispatch(data[N][0], data[N][1], bias, K, torch.bfloat16), route_error, moe_router.ROUTE)
+tune("route", ("BD", "dispatch_warps", "CH", "scan_warps"), itertools.product((64, 128, 256), (4, 8), (64, 256), (4, 8)),
+     lambda N: ops.moe_route_dispatch(data[N][0], data[N][1], bias, K, torch.bfloat16), route_error, moe_router.ROUTE)
+tune("route grad", ("grad_BM", "grad_BD", "grad_warps"), itertools.product((16, 32, 64), (64, 128, 256), (4, 8)),
+     route_grad, lambda N: max(rel(a, b) for a, b in zip(route_grad(N), grad_want[N])), moe_router.ROUTE)
 print("ROUTER =", moe_router.ROUTER)
+print("ROUTE =", moe_router.ROUTE)

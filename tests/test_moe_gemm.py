@@ -161,6 +161,42 @@ def test_gpu_stores_through_the_descriptor_give_the_masked_stores_bits(monkeypat
         assert torch.equal(out, outs[0])
 
 
+@pytest.mark.skipif(not HOPPER, reason="needs a CUDA GPU of compute capability 9.0 or newer")
+def test_gpu_backward_on_two_streams_gives_the_same_bits_and_captures(monkeypatch):
+    """The rows' and the weights' gradients side by side on two streams: the same bits as one after the other, also
+    when the backward is captured in a CUDA graph and replayed."""
+    counts = (2067, 1985, 2044, 2085, 1948, 2088, 2010, 2157)
+    t, expert, ends = _problem(counts, 768, 1536, torch.bfloat16, "cuda")
+    results = []
+    for concurrent in (False, True):
+        monkeypatch.setattr(moe_gemm, "CONCURRENT_BACKWARD", concurrent)
+        y, leaves = _run_triton(t, ends, torch.float32, expert)
+        results.append([y] + [leaves[name].grad for name in ("rows", "w_up", "b_up", "w_down")])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    leaves = {"rows": t["rows"].clone().requires_grad_()}
+    leaves.update({name: t[name].float().clone().requires_grad_() for name in ("w_up", "b_up", "w_down")})
+
+    def step():
+        for v in leaves.values():
+            v.grad = None
+        moe_gemm.experts_ffn(leaves["rows"], leaves["w_up"], leaves["b_up"], leaves["w_down"], expert,
+                             ends).backward(t["grad"])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, want in zip(("rows", "w_up", "b_up", "w_down"), results[1][1:]):
+        assert torch.equal(leaves[name].grad, want), name
+
+
 def test_probe_rejects_kernels_that_fail_or_disagree(monkeypatch):
     """works() compares the Triton path with a per-expert loop: a path that raises or gives other numbers is
     rejected (the probe's own logic; the loop side is plain PyTorch, so this runs anywhere)."""

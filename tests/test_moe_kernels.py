@@ -77,6 +77,7 @@ def test_triton_bias_gelu_backward_under_other_launch_settings(monkeypatch):
         pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_triton_kernels_under_the_interpreter starts it)")
     monkeypatch.setattr(moe_kernels, "BIAS_GELU", dict(ROWS=16, BM=4, BN=32, num_warps=2))
     monkeypatch.setattr(moe_kernels, "BN_SUM", 16)
+    monkeypatch.setattr(moe_kernels, "BT_SUM", 2)
     u, bias, grad, expert, ends = _problem((0, 70, 0, 129, 1, 16, 0), 50)
     du, db = moe_kernels.bias_gelu_backward(grad, u, bias, expert, ends)
     want_du, want_db = _autograd_reference(u, bias, grad, expert)
@@ -100,8 +101,64 @@ def test_triton_bias_gelu_forward_matches_the_expression(monkeypatch, counts, wi
     torch.testing.assert_close(h.double(), F.gelu(u.double() + bias.double()[expert]), rtol=1e-5, atol=1e-6)
 
 
+def _combine_problem(n, width, k, preference, dtype=torch.float32, device="cpu", seed=0):
+    """A dropless routing of n tokens, each to k distinct experts (random scores shifted by ``preference``, one
+    entry per expert: -inf leaves an expert empty, a low value gives it few rows), sorted: the combine's inputs and
+    an output gradient."""
+    from sadiffuseq.moe import dispatch
+
+    g = torch.Generator().manual_seed(seed)
+    E = len(preference)
+    experts = (torch.randn(n, E, generator=g) + torch.tensor(preference)).topk(k, dim=1).indices
+    disp = dispatch(experts, E)
+    ys = torch.randn(n * k, width, generator=g).to(device, dtype)
+    gates = torch.rand(n, k, generator=g).to(device, dtype)
+    bias = torch.randn(E, width, generator=g).to(device, dtype)
+    grad = torch.randn(n, width, generator=g).to(device, dtype)
+    ends = torch.cumsum(disp.counts, 0).to(device, torch.int32)
+    return ys, gates, bias, experts.to(device), disp, grad, ends
+
+
+def _combine_reference(ys, gates, bias, experts, disp, grad):
+    """Gradients of y[n] = Σ_j gates[n, j] (ys[slot(n, j)] + bias[experts[n, j]]) by autograd, in float64."""
+    ys64, g64, b64 = (t.double().requires_grad_() for t in (ys, gates, bias))
+    n, k = gates.shape
+    slot = disp.slot.to(ys.device).view(n, k)
+    y = sum(g64[:, j, None] * (ys64[slot[:, j]] + b64[experts[:, j]]) for j in range(k))
+    y.backward(grad.double())
+    return ys64.grad, g64.grad, b64.grad
+
+
+def _check_combine_backward(n, width, k, preference, dtype=torch.float32, device="cpu", tol=1e-5):
+    ys, gates, bias, experts, disp, grad, ends = _combine_problem(n, width, k, preference, dtype, device)
+    pair, token = disp.pair.to(device), disp.token.to(device)
+    got = moe_kernels.combine_backward(grad, ys, bias, gates, pair, token, ends)
+    for name, a, b in zip(("rows", "gates", "bias"), got, _combine_reference(ys, gates, bias, experts, disp, grad)):
+        assert a.dtype == dtype, name
+        assert (a.double() - b).abs().max() <= tol * b.abs().max(), name
+
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize("n, width, k, preference", [(150, 200, 2, (-INF, 0, -INF, 0, -3, 0, -INF)),
+                                                     (64, 128, 1, (0,)), (90, 40, 3, (0, 0, 0, -2, 0))])
+@pytest.mark.parametrize("launch", [None, dict(BM=16, BD=32, num_warps=2)])
+def test_triton_combine_backward_matches_autograd(monkeypatch, n, width, k, preference, launch):
+    """The combine's backward kernel, fp32 under the interpreter, against autograd in float64: the rows', the gates'
+    and the down bias's gradients (the tuned tiles and small ones)."""
+    pytest.importorskip("triton")
+    if not moe_kernels.interpreting():
+        pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_triton_kernels_under_the_interpreter starts it)")
+    if launch:
+        monkeypatch.setattr(moe_kernels, "COMBINE_BACKWARD", launch)
+        monkeypatch.setattr(moe_kernels, "BN_SUM", 16)
+        monkeypatch.setattr(moe_kernels, "BT_SUM", 2)
+    _check_combine_backward(n, width, k, preference)
+
+
 def test_moe_triton_kernels_under_the_interpreter():
-    run_under_interpreter(__file__, "triton_bias_gelu")
+    run_under_interpreter(__file__, "triton_bias_gelu or triton_combine")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -114,6 +171,11 @@ def test_gpu_bias_gelu_backward_in_bf16(counts, width):
     # The bias gradient sums up to thousands of rows: compare relative to the size of the sums.
     scale = want_db.abs().max()
     assert (db.double() - want_db).abs().max() <= 1e-2 * scale
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_combine_backward_in_bf16():
+    _check_combine_backward(8192, 768, 2, (0,) * 8, torch.bfloat16, "cuda", 1e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -109,10 +109,8 @@ def test_triton_fused_routing_matches_the_pytorch_routing(monkeypatch, N, D, E, 
     if not interpreting():
         pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_router_under_the_interpreter starts it)")
     # Blocks of 16 tokens, the scan 2 blocks at a time, 16 columns per dispatch program: every loop runs often.
-    for key, value in dict(BM=16, BK=16, BD=16, CH=2).items():
+    for key, value in dict(BM=16, BK=16, BD=16, CH=2, grad_BM=16, grad_BD=16).items():
         monkeypatch.setitem(moe_router.ROUTE, key, value)
-    monkeypatch.setitem(moe_router.ROUTER, "token_BM", 16)
-    monkeypatch.setitem(moe_router.ROUTER, "token_BD", 16)
     _check_fused_routing(N, D, E, k, with_bias)
 
 

@@ -70,7 +70,8 @@ from sadiffuseq import moe_gemm
 from sadiffuseq.config import ModelConfig
 from sadiffuseq.errors import UserError
 from sadiffuseq.moe_gemm import experts_ffn
-from sadiffuseq.moe_kernels import bias_gelu
+from sadiffuseq import moe_kernels
+from sadiffuseq.moe_kernels import bias_gelu, combine_backward
 from sadiffuseq import moe_router
 from sadiffuseq.moe_router import router_logits_value, router_weight_grad_of, token_grad
 
@@ -267,12 +268,13 @@ class _CombinePairs(torch.autograd.Function):
     the row's gradient ``gates[p] · grad_y[t]`` and its gate's gradient ``(rows[m] + bias[expert[m]]) · grad_y[t]``
     in the same pass over the same gathered ``grad_y[t]``; the gate gradients then go back to (token, slot) order
     through ``slot``. The bias gradient is one (E × N)(N × d) product of the gate matrix. Dropped pairs must carry
-    a zero gate.
+    a zero gate. Dropless on the GPU, with the experts' row ranges ``ends``, all three gradients come from one Triton
+    kernel instead (:func:`~sadiffuseq.moe_kernels.combine_backward`).
     """
 
     @staticmethod
-    def forward(ctx, rows, gates, bias, experts, expert, pair, token, slot, kept):
-        ctx.save_for_backward(rows, gates, bias, experts, expert, pair, token, slot, kept)
+    def forward(ctx, rows, gates, bias, experts, expert, pair, token, slot, kept, ends):
+        ctx.save_for_backward(rows, gates, bias, experts, expert, pair, token, slot, kept, ends)
         n, k = gates.shape
         slots, chosen = slot.view(n, k), experts.view(n, k)
         y = None
@@ -284,7 +286,10 @@ class _CombinePairs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        rows, gates, bias, experts, expert, pair, token, slot, kept = ctx.saved_tensors
+        rows, gates, bias, experts, expert, pair, token, slot, kept, ends = ctx.saved_tensors
+        if kept is None and ends is not None and moe_kernels.use_triton(grad):
+            grad_rows, grad_gates, grad_bias = combine_backward(grad, rows, bias, gates, pair, token, ends)
+            return grad_rows, grad_gates, grad_bias, None, None, None, None, None, None, None
         grad_token = grad.index_select(0, token)
         grad_rows = grad_token * gates.view(-1).index_select(0, pair)[:, None]
         dots = ((rows + bias.index_select(0, expert)).float() * grad_token.float()).sum(-1)
@@ -293,7 +298,7 @@ class _CombinePairs(torch.autograd.Function):
             grad_gates = grad_gates * kept.view_as(gates)
         gate_matrix = torch.zeros(gates.shape[0], bias.shape[0], dtype=grad.dtype, device=grad.device)
         gate_matrix = gate_matrix.scatter(1, experts, gates)
-        return grad_rows, grad_gates.to(gates.dtype), gate_matrix.t() @ grad, None, None, None, None, None, None
+        return grad_rows, grad_gates.to(gates.dtype), gate_matrix.t() @ grad, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -582,7 +587,8 @@ class MoEFFN(nn.Module):
             # over the k slots accumulates in fp32 inside the reduction, and fp32 copies of the (N, k, d) outputs
             # would double the memory traffic of the combine and of its backward.
             y = _CombinePairs.apply(
-                ys, gates, self.b_down.to(dtype), experts, disp.expert, disp.pair, disp.token, disp.slot, disp.kept
+                ys, gates, self.b_down.to(dtype), experts, disp.expert, disp.pair, disp.token, disp.slot, disp.kept,
+                disp.ends
             )
         if self.shared is not None:
             y = y + self.shared(flat)

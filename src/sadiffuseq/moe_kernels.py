@@ -40,8 +40,12 @@ if triton is not None:
 # (compiled, no bias gradient) takes 215 µs there.
 BIAS_GELU = dict(ROWS=256, BM=16, BN=128, num_warps=8)
 BN_SUM = 64
+BT_SUM = 16  # tiles summed at a time (in a fixed order: deterministic)
 # The forward (``GELU(u + b[e])`` alone, bias loaded once per tile): scripts/gpu_tune_moe_kernels.py --forward.
 BIAS_GELU_FORWARD = dict(ROWS=128, BM=16, BN=128, num_warps=8)
+# The combine's backward (:func:`combine_backward`): a program takes BM sorted rows of one expert, BD columns at a
+# time.
+COMBINE_BACKWARD = dict(BM=64, BD=128, num_warps=4)
 
 
 def gelu_grad(z: Tensor) -> Tensor:
@@ -78,6 +82,15 @@ def bias_gelu_forward(u: Tensor, bias: Tensor, expert: Tensor, ends: Tensor) -> 
     if use_triton(u):
         return torch.ops.sadiffuseq.moe_bias_gelu(u, bias, ends)
     return F.gelu(u + bias.index_select(0, expert))
+
+
+def combine_backward(grad: Tensor, ys: Tensor, bias: Tensor, gates: Tensor, pair: Tensor, token: Tensor,
+                     ends: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of ``y[n] = Σ_j gates[n, j] · (ys[slot(n, j)] + bias[experts[n, j]])`` for a dropless layer, on
+    the Triton kernel (:func:`use_triton`): the sorted rows' gradients (M, d), the gates' (N, k) and the bias's (E,
+    d), the last as per-tile column sums added in a fixed order — one pass over ``grad`` and ``ys`` where PyTorch
+    takes that pass plus an (E × N)(N × d) product of the gate matrix."""
+    return torch.ops.sadiffuseq.moe_combine_backward(grad, ys, bias, gates, pair, token, ends)
 
 
 class BiasGELU(torch.autograd.Function):
@@ -163,17 +176,49 @@ if triton is not None:
             tl.store(H + at, h.to(H.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _sum_tiles_kernel(PART, DB, ENDS, F, E, EP: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr):
+    def _sum_tiles_kernel(PART, DB, ENDS, F, E, EP: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr,
+                          BT: tl.constexpr):
+        """Expert e's bias gradient: the column sums of its tiles (rows of PART), BT tiles at a time, in order."""
         e = tl.program_id(0)
         idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, ROWS)
         this = idx == e
         stop = tl.sum(tl.where(this, last, 0), 0)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         acc = tl.zeros((BN,), dtype=tl.float32)
-        for t in range(stop - tl.sum(tl.where(this, tiles, 0), 0), stop):
-            acc += tl.load(PART + t * F + cols, mask=cols < F, other=0.0)
+        for t0 in range(stop - tl.sum(tl.where(this, tiles, 0), 0), stop, BT):
+            t = t0 + tl.arange(0, BT)
+            acc += tl.sum(tl.load(PART + t.to(tl.int64)[:, None] * F + cols[None, :],
+                                  mask=(t < stop)[:, None] & (cols < F)[None, :], other=0.0), 0)
         tl.store(DB + e * F + cols, acc.to(DB.dtype.element_ty), mask=cols < F)
 
+    @triton.jit
+    def _combine_backward_kernel(G, Y, B, GATES, PAIR, TOKEN, DY, DGATE, PART, ENDS, D, E, EP: tl.constexpr,
+                                 BM: tl.constexpr, BD: tl.constexpr):
+        """The backward of the gate-weighted combine for a tile of BM sorted rows of one expert, all D columns: each
+        row's gradient ``gate · grad_y[token]``, its gate's gradient ``(y + b[e]) · grad_y[token]`` (stored at the
+        row's pair: distinct places) and the tile's column sums of the rows' gradients (the down bias's
+        gradient, summed over the expert's tiles by ``_sum_tiles_kernel``)."""
+        t = tl.program_id(0)
+        idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, BM)
+        e, row0, end = _locate_tile(t, idx, starts, ends, tiles, last, BM)
+        rows = row0 + tl.arange(0, BM)
+        valid = rows < end
+        token = tl.load(TOKEN + rows, mask=valid, other=0)
+        pair = tl.load(PAIR + rows, mask=valid, other=0)
+        gate = tl.load(GATES + pair, mask=valid, other=0.0).to(tl.float32)
+        eb = tl.minimum(e, E - 1)
+        dot = tl.zeros((BM,), dtype=tl.float32)
+        for c in range(0, D, BD):
+            cols = c + tl.arange(0, BD)
+            mask = valid[:, None] & (cols < D)[None, :]
+            g = tl.load(G + token[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(B + eb * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+            dy = gate[:, None] * g
+            tl.store(DY + rows.to(tl.int64)[:, None] * D + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
+            dot += tl.sum((y + b[None, :]) * g, 1)
+            tl.store(PART + t.to(tl.int64) * D + cols, tl.sum(dy, 0), mask=cols < D)
+        tl.store(DGATE + pair, dot, mask=valid)
 
 @torch.library.custom_op("sadiffuseq::moe_bias_gelu_backward", mutates_args=())
 def _bias_gelu_backward_op(grad: Tensor, u: Tensor, bias: Tensor, ends: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,7 +234,7 @@ def _bias_gelu_backward_op(grad: Tensor, u: Tensor, bias: Tensor, ends: Tensor) 
     _bias_gelu_backward_kernel[(n_tiles, triton.cdiv(width, BN))](grad, u, bias, du, part, ends, width, E,
                                                                 EP=EP, ROWS=ROWS, BM=BM, BN=BN, num_warps=warps)
     _sum_tiles_kernel[(E, triton.cdiv(width, BN_SUM))](part, dbias, ends, width, E, EP=EP, ROWS=ROWS, BN=BN_SUM,
-                                                       num_warps=4)
+                                                       BT=BT_SUM, num_warps=4)
     return du, dbias
 
 
@@ -213,3 +258,28 @@ def _bias_gelu_op(u: Tensor, bias: Tensor, ends: Tensor) -> Tensor:
 @_bias_gelu_op.register_fake
 def _(u, bias, ends):
     return torch.empty_like(u)
+
+
+@torch.library.custom_op("sadiffuseq::moe_combine_backward", mutates_args=())
+def _combine_backward_op(grad: Tensor, ys: Tensor, bias: Tensor, gates: Tensor, pair: Tensor, token: Tensor,
+                         ends: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    grad, ys, bias, gates = grad.contiguous(), ys.contiguous(), bias.contiguous(), gates.contiguous()
+    M, D = ys.shape
+    E = bias.shape[0]
+    BM, BD, warps = (COMBINE_BACKWARD[key] for key in ("BM", "BD", "num_warps"))
+    n_tiles = triton.cdiv(M, BM) + E  # every expert's last tile may be partial
+    EP = max(2, triton.next_power_of_2(E))
+    grad_rows = torch.empty_like(ys)
+    grad_gates = torch.empty(gates.numel(), dtype=torch.float32, device=ys.device)
+    part = torch.empty((n_tiles, D), dtype=torch.float32, device=ys.device)
+    grad_bias = torch.empty_like(bias)
+    _combine_backward_kernel[(n_tiles,)](grad, ys, bias, gates, pair, token, grad_rows, grad_gates, part, ends, D, E,
+                                         EP=EP, BM=BM, BD=BD, num_warps=warps)
+    _sum_tiles_kernel[(E, triton.cdiv(D, BN_SUM))](part, grad_bias, ends, D, E, EP=EP, ROWS=BM, BN=BN_SUM,
+                                                   BT=BT_SUM, num_warps=4)
+    return grad_rows, grad_gates.view(gates.shape).to(gates.dtype), grad_bias
+
+
+@_combine_backward_op.register_fake
+def _(grad, ys, bias, gates, pair, token, ends):
+    return torch.empty_like(ys), torch.empty_like(gates), torch.empty_like(bias)

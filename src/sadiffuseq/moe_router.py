@@ -37,9 +37,11 @@ if triton is not None:
 # BD columns; the token gradient's take token_BM tokens and token_BD columns.
 ROUTER = dict(BM=128, BK=64, warps=8, ROWS=512, BR=32, BD=128, grad_warps=4, token_BM=16, token_BD=128,
               token_warps=4, precision="tf32x3")
-# The fused routing of a dropless layer (:func:`route_dispatch`): the selection kernel takes BM tokens per program
-# (BK columns at a time), and so does the dispatch, BD columns per program; the scan goes CH blocks at a time.
-ROUTE = dict(BM=64, BK=64, warps=4, BD=128, dispatch_warps=4, CH=64)
+# The fused routing of a dropless layer (``sadiffuseq::moe_route_dispatch``): the selection kernel takes BM tokens
+# per program (BK columns at a time), and so does the dispatch, BD columns per program; the scan goes CH blocks at a
+# time. Its backward takes grad_BM tokens and grad_BD columns per program.
+ROUTE = dict(BM=128, BK=64, warps=4, BD=128, dispatch_warps=8, CH=256, scan_warps=4, grad_BM=16, grad_BD=128,
+             grad_warps=4)
 
 
 def use_triton(x: Tensor) -> bool:
@@ -235,7 +237,7 @@ if triton is not None:
                                  EP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
         """``_token_grad_kernel`` for the fused routing, which first finds the logits' gradient itself: from the
         gates' (DG), the mean probabilities' (DPM) and the z-loss's (DZ), through the gates' renormalisation and
-        the softmax. The programs of the first column block write it (DL) for the router's weight gradient."""
+        the softmax, and writes it (DL) for the router's weight gradient; then x's gradient, BD columns at a time."""
         tokens = tl.program_id(0) * BM + tl.arange(0, BM)
         inside = tokens < N
         experts = tl.arange(0, EP)
@@ -274,20 +276,20 @@ if triton is not None:
             lse = top + tl.log(total)
             dl += (2.0 * tl.load(DZ) / N) * lse[:, None] * probs
         dl = tl.where(lmask, dl, 0.0)
-        if tl.program_id(1) == 0:
-            tl.store(DL + tokens.to(tl.int64)[:, None] * E + experts[None, :], dl, mask=lmask)
-        cols = tl.program_id(1) * BD + tl.arange(0, BD)
-        col_ok = (cols < D)[None, :]
-        acc = tl.zeros((BM, BD), dtype=tl.float32)
-        for j in tl.static_range(K):
-            row = tl.load(SLOT + tokens.to(tl.int64) * K + j, mask=inside, other=0)
-            acc += tl.load(DR + row[:, None] * D + cols[None, :], mask=inside[:, None] & col_ok,
-                           other=0.0).to(tl.float32)
-        w = tl.load(W + experts[:, None] * D + cols[None, :], mask=(experts < E)[:, None] & col_ok,
-                    other=0.0).to(tl.float32)
-        acc = tl.dot(dl, w, acc, input_precision=PRECISION)
-        tl.store(DX + tokens.to(tl.int64)[:, None] * D + cols[None, :], acc.to(DX.dtype.element_ty),
-                 mask=inside[:, None] & col_ok)
+        tl.store(DL + tokens.to(tl.int64)[:, None] * E + experts[None, :], dl, mask=lmask)
+        for c in range(0, D, BD):
+            cols = c + tl.arange(0, BD)
+            col_ok = (cols < D)[None, :]
+            acc = tl.zeros((BM, BD), dtype=tl.float32)
+            for j in tl.static_range(K):
+                row = tl.load(SLOT + tokens.to(tl.int64) * K + j, mask=inside, other=0)
+                acc += tl.load(DR + row[:, None] * D + cols[None, :], mask=inside[:, None] & col_ok,
+                               other=0.0).to(tl.float32)
+            w = tl.load(W + experts[:, None] * D + cols[None, :], mask=(experts < E)[:, None] & col_ok,
+                        other=0.0).to(tl.float32)
+            acc = tl.dot(dl, w, acc, input_precision=PRECISION)
+            tl.store(DX + tokens.to(tl.int64)[:, None] * D + cols[None, :], acc.to(DX.dtype.element_ty),
+                     mask=inside[:, None] & col_ok)
 
 
 def _padded_experts(E: int) -> int:
@@ -380,7 +382,7 @@ def _route_dispatch_op(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, d
     pmean = torch.empty(E, dtype=torch.float32, device=dev)
     stats = torch.empty(2, dtype=torch.float32, device=dev)
     _route_scan_kernel[(1,)](hist, psum, ssum, base, counts, ends, pmean, stats, N, B, E, EP=EP, CH=ROUTE["CH"],
-                             num_warps=4)
+                             num_warps=ROUTE["scan_warps"])
     M = N * k
     rows = torch.empty(M, D, dtype=dtype, device=dev)
     slot, pair, token, expert = (torch.empty(M, dtype=torch.long, device=dev) for _ in range(4))
@@ -407,13 +409,13 @@ def _route_token_grad_op(grad_rows: Tensor, slot: Tensor, logits: Tensor, expert
     (N, E), D = logits.shape, grad_rows.shape[1]
     dx = torch.empty(N, D, dtype=dtype, device=grad_rows.device)
     dlogits = torch.empty(N, E, dtype=torch.float32, device=grad_rows.device)
-    BM, BD = ROUTER["token_BM"], ROUTER["token_BD"]
-    _route_token_grad_kernel[(triton.cdiv(N, BM), triton.cdiv(D, BD))](
+    BM, BD = ROUTE["grad_BM"], ROUTE["grad_BD"]
+    _route_token_grad_kernel[(triton.cdiv(N, BM),)](
         grad_rows, slot, logits, experts, logits if grad_gates is None else grad_gates.contiguous(),
         logits if grad_pmean is None else grad_pmean.contiguous(), logits if grad_z is None else grad_z.contiguous(),
         weight, dx, dlogits, N, D, E, K=k, HAS_DG=grad_gates is not None, HAS_DPM=grad_pmean is not None,
         HAS_DZ=grad_z is not None, EP=_padded_experts(E), BM=BM, BD=BD, PRECISION=_precision(dx.device),
-        num_warps=ROUTER["token_warps"])
+        num_warps=ROUTE["grad_warps"])
     return dx, dlogits
 
 
