@@ -35,6 +35,9 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
   per-expert tiles, their sums added in a fixed order), the down biases' gradient is the (E × N) gate matrix
   times the output gradient, and the per-expert counts are a one-hot sum. Dropless, the layer is therefore one
   graph with static shapes under ``torch.compile``, and a compiled model traces it into its blocks' graphs.
+  On CUDA a dropless layer routes with :class:`_RouteDispatch` instead (the same results from three Triton
+  kernels: selection with per-block histograms, their scan, a counting sort that stores the rows), and the
+  combine's backward is one kernel (:func:`~sadiffuseq.moe_kernels.combine_backward`).
 * **Capacity** (``moe_capacity_factor = c > 0``): each expert keeps at most ``ceil(c · N · k / E)`` pairs, in
   token order (earlier positions first); the rest are dropped (that expert contributes nothing to that token;
   the remaining gates are *not* renormalised) and counted in the statistics.
@@ -369,7 +372,8 @@ def experts_forward(
     ``impl``: ``triton`` — Triton grouped matmuls, the weight gradients written in the parameters' dtype
     (:mod:`sadiffuseq.moe_gemm`); ``grouped`` — one ``torch._grouped_mm`` per projection, the up projection's bias
     and the GELU one autograd node with a fused backward (:mod:`sadiffuseq.moe_kernels`); ``loop`` — one matmul per
-    expert (the reference and the fallback)."""
+    expert (the reference and the fallback). ``ends``: the running sums of ``counts`` (int32), where the caller has
+    them."""
     offsets = torch.cumsum(counts, 0).to(torch.int32) if ends is None else ends
     if impl == "triton":
         y = experts_ffn(x, w_up, b_up, w_down, expert, offsets)

@@ -14,7 +14,14 @@ the dispatch sends back; and in the graph ``torch.compile`` traced for the layer
 * :func:`router_weight_grad_of` computes ``dlogitsᵀ · x`` in fp32: each program reduces a span of rows and a
   fixed-order sum adds the spans (deterministic, no atomics).
 
-The layer ties them together in one autograd node (``moe._GatherRouted``): the dispatch's rows and the router's
+A dropless layer on CUDA goes further (``sadiffuseq::moe_route_dispatch`` and ``moe_route_token_grad``, tied
+together by ``moe._RouteDispatch``): the logits kernel also takes the softmax, the top-k, the gates and each block
+of tokens' histogram of chosen experts; one program scans the histograms into every block's first sorted row per
+expert (a stable counting sort) and sums the losses' means in a fixed order; a third kernel ranks each block's
+pairs and stores the cast rows to their sorted places. Its backward finds the logits' gradient inside the kernel
+that writes x's gradient.
+
+Otherwise the layer ties them together in one autograd node (``moe._GatherRouted``): the dispatch's rows and the router's
 logits leave the same forward, so their two gradients meet in one backward. The dot products run as ``tf32x3``
 (three TF32 tensor-core products per block, as accurate as fp32 for these sums) by default;
 ``ROUTER["precision"] = "ieee"`` gives the plain fp32 product (always used on GPUs without TF32, before Ampere).
