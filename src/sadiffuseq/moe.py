@@ -69,13 +69,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sadiffuseq import moe_gemm
+from sadiffuseq import moe_gemm, moe_kernels, moe_router
 from sadiffuseq.config import ModelConfig
 from sadiffuseq.errors import UserError
 from sadiffuseq.moe_gemm import experts_ffn
-from sadiffuseq import moe_kernels
 from sadiffuseq.moe_kernels import bias_gelu, combine_backward
-from sadiffuseq import moe_router
 from sadiffuseq.moe_router import router_logits_value, router_weight_grad_of, token_grad
 
 

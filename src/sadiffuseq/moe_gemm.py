@@ -335,7 +335,9 @@ def input_and_weight_grads(du: Tensor, w_up: Tensor, rows: Tensor, h: Tensor, gr
     w1, w2 = _weight_grad_outputs(rows, du, h, grad, ends, out_dtype)
     if du.is_cuda and CONCURRENT_BACKWARD:
         current = torch.cuda.current_stream(du.device)
-        side = _SIDE_STREAMS.setdefault(du.device.index or 0, torch.cuda.Stream(du.device))
+        side = _SIDE_STREAMS.get(current.device_index)
+        if side is None:  # one per device, made once
+            side = _SIDE_STREAMS[current.device_index] = torch.cuda.Stream(du.device)
         side.wait_stream(current)  # before the launch below: the side stream must not wait for it
         _launch_rows(du, w_up, ends, True, "up_input_grad", d_rows)
         with torch.cuda.stream(side):

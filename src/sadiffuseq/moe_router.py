@@ -21,8 +21,8 @@ expert (a stable counting sort) and sums the losses' means in a fixed order; a t
 pairs and stores the cast rows to their sorted places. Its backward finds the logits' gradient inside the kernel
 that writes x's gradient.
 
-Otherwise the layer ties them together in one autograd node (``moe._GatherRouted``): the dispatch's rows and the router's
-logits leave the same forward, so their two gradients meet in one backward. The dot products run as ``tf32x3``
+Otherwise the layer ties them together in one autograd node (``moe._GatherRouted``): the dispatch's rows and the
+router's logits leave the same forward, so their two gradients meet in one backward. The dot products run as ``tf32x3``
 (three TF32 tensor-core products per block, as accurate as fp32 for these sums) by default;
 ``ROUTER["precision"] = "ieee"`` gives the plain fp32 product (always used on GPUs without TF32, before Ampere).
 Off CUDA (and without Triton) the same numbers come from PyTorch.
@@ -59,9 +59,10 @@ def use_triton(x: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _logits_kernel(X, W, OUT, N, D, E, EP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                       PRECISION: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    def _logits_block(X, W, rows, N, D, E, EP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        """``x · Wᵀ`` in fp32 for the token rows ``rows`` (BM of them, those ≥ N read as zero): (BM, EP), the lanes
+        past E zero."""
         experts = tl.arange(0, EP)
         acc = tl.zeros((BM, EP), dtype=tl.float32)
         for k in range(0, D, BK):
@@ -71,6 +72,14 @@ if triton is not None:
             w = tl.load(W + experts[None, :] * D + cols[:, None],
                         mask=(experts < E)[None, :] & (cols < D)[:, None], other=0.0).to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _logits_kernel(X, W, OUT, N, D, E, EP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                       PRECISION: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        experts = tl.arange(0, EP)
+        acc = _logits_block(X, W, rows, N, D, E, EP, BM, BK, PRECISION)
         tl.store(OUT + rows.to(tl.int64)[:, None] * E + experts[None, :], acc,
                  mask=(rows < N)[:, None] & (experts < E)[None, :])
 
@@ -122,21 +131,14 @@ if triton is not None:
     def _route_kernel(X, W, BIAS, LOGITS, EXPERTS, GATES, HIST, PSUM, SSUM, N, D, E, K: tl.constexpr,
                       HAS_BIAS: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                       PRECISION: tl.constexpr):
-        """BM tokens: their logits (as ``_logits_kernel``), softmax, top-k and gates, and the block's partial sums:
+        """BM tokens: their logits, softmax, top-k and gates, and the block's partial sums:
         pairs per expert (HIST), probabilities per expert (PSUM), logsumexp² and entropy (SSUM)."""
         b = tl.program_id(0)
         rows = b * BM + tl.arange(0, BM)
         inside = rows < N
         experts = tl.arange(0, EP)
         valid = (experts < E)[None, :]
-        acc = tl.zeros((BM, EP), dtype=tl.float32)
-        for k in range(0, D, BK):
-            cols = k + tl.arange(0, BK)
-            x = tl.load(X + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                        mask=inside[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
-            w = tl.load(W + experts[None, :] * D + cols[:, None], mask=valid & (cols < D)[:, None],
-                        other=0.0).to(tl.float32)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        acc = _logits_block(X, W, rows, N, D, E, EP, BM, BK, PRECISION)
         tl.store(LOGITS + rows.to(tl.int64)[:, None] * E + experts[None, :], acc, mask=inside[:, None] & valid)
         logits = tl.where(valid, acc, float("-inf"))
         top = tl.max(logits, 1)
