@@ -1,11 +1,13 @@
 """Launch settings of the MoE layer's fused bias + GELU kernels (``moe_kernels.BIAS_GELU``, the backward, or with
-``--forward`` ``moe_kernels.BIAS_GELU_FORWARD``): every setting of a grid timed as a CUDA-graph replay at 32k tokens
-(65,536 routed rows, 8 experts near balance, width 1536, bf16), checked against the PyTorch path; PyTorch's own
+``--forward`` ``moe_kernels.BIAS_GELU_FORWARD``; at ``--tokens 8192`` the backward's ``BIAS_GELU_SMALL``): every
+setting of a grid timed as a CUDA-graph replay at 32k tokens (65,536 routed rows, 8 experts near balance, width 1536,
+bf16; ``--tokens N``: the same counts scaled to N tokens),
+checked against the PyTorch path; PyTorch's own
 compiled GELU backward (no bias gradient), or its compiled ``GELU(u + b[expert])``, for scale. With ``--combine``:
 the combine's backward (``moe_kernels.COMBINE_BACKWARD``) at 8k and 32k tokens (top-2, width 768), checked against
 the first setting, the PyTorch backward compiled for scale.
 
-    PYTHONPATH=src python3 scripts/gpu_tune_moe_kernels.py [--forward | --combine]
+    PYTHONPATH=src python3 scripts/gpu_tune_moe_kernels.py [--forward | --combine] [--tokens N]
 """
 import itertools
 import sys
@@ -16,7 +18,10 @@ from sadiffuseq import moe_kernels as mk
 from sadiffuseq.bench import graph_time_ms
 
 dev, dt = "cuda", torch.bfloat16
-counts = (8261, 8077, 8118, 7950, 8412, 8339, 8131, 8248)
+counts = (8261, 8077, 8118, 7950, 8412, 8339, 8131, 8248)  # 32k tokens, top-2
+if "--tokens" in sys.argv:
+    tokens = int(sys.argv[sys.argv.index("--tokens") + 1])
+    counts = tuple(c * tokens // 32768 for c in counts)
 E, M, W = len(counts), sum(counts), 1536
 u = torch.randn(M, W, device=dev, dtype=dt)
 g = torch.randn_like(u)
@@ -80,7 +85,7 @@ want = mk.bias_gelu_backward_torch(g, u, b, expert)
 for R, BM, BN, w in itertools.product((128, 256, 512), (4, 8, 16, 32), (64, 128, 256), (2, 4, 8)):
     if BM * BN > 8192 or BM * BN < 512 or BM * BN < 32 * w * 4:  # too many registers / too few lanes
         continue
-    mk.BIAS_GELU = dict(ROWS=R, BM=BM, BN=BN, num_warps=w)
+    mk.BIAS_GELU = mk.BIAS_GELU_SMALL = dict(ROWS=R, BM=BM, BN=BN, num_warps=w)
     try:
         du, db = mk.bias_gelu_backward(g, u, b, expert, ends)
         err = (du.float() - want[0].float()).abs().max().item()

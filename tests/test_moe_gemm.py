@@ -97,7 +97,9 @@ def test_triton_experts_under_other_tiles(monkeypatch):
     monkeypatch.setattr(moe_gemm, "LAUNCH", {"up": (32, 16, 16, 2, 2, 2, 0, 1), "down": (16, 32, 32, 2, 2, 2, 0, 0),
                                              "down_input_grad": (32, 32, 16, 2, 2, 1, 0, 1),
                                              "up_input_grad": (16, 16, 32, 2, 2, 4, 0, 0),
-                                             "weight_grad": (32, 16, 32, 2, 2, 1)})
+                                             "weight_grad": (32, 16, 32, 2, 2, 1),
+                                             "up_gelu": (32, 16, 16, 2, 2, 2, 0, 1, 2),
+                                             "down_input_grad_gelu": (32, 32, 16, 2, 2, 1, 0, 1, 4)})
     _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
 
 
@@ -109,6 +111,21 @@ def test_triton_experts_on_persistent_programs(monkeypatch, grid, tma_store):
     tile overlaps the one before; 16 rows: one whole tile; 1 row: the masked store)."""
     _under_interpreter()
     monkeypatch.setattr(moe_gemm, "LAUNCH", _launch(SMALL + (grid, tma_store)))
+    _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
+
+
+@pytest.mark.parametrize("fused", [(False, False), (True, True)])
+@pytest.mark.parametrize("grid, tma_store, sub", [(0, 0, 1), (1, 1, 2), (2, 1, 4), (0, 1, 1)])
+def test_triton_experts_with_the_gelu_in_the_epilogues(monkeypatch, fused, grid, tma_store, sub):
+    """The up projection's bias and GELU in the matmuls' epilogues (FUSED_GELU) or in kernels of their own, the
+    epilogue on the whole tile or on 2 or 4 slices of its columns; the up bias's gradient from the epilogue's
+    per-tile column sums, where a tile moved back to end at its expert's last row shares rows with the tile before
+    (experts of 37 and 17 rows, tiles of 16) and must not count them twice."""
+    _under_interpreter()
+    rows = (16, 32, 16, 2, 2, 2, grid, tma_store)
+    monkeypatch.setattr(moe_gemm, "LAUNCH", dict(_launch(rows), up_gelu=rows + (sub,),
+                                                 down_input_grad_gelu=rows + (sub,)))
+    monkeypatch.setattr(moe_gemm, "FUSED_GELU", fused)
     _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
 
 
@@ -128,8 +145,12 @@ def test_supported_says_no_without_a_hopper_gpu_or_with_unaligned_rows():
 @pytest.mark.skipif(not HOPPER, reason="needs a CUDA GPU of compute capability 9.0 or newer")
 @pytest.mark.parametrize("counts, d, H", [((0, 370, 0, 129, 1, 128, 0), 64, 200),
                                           ((2067, 1985, 2044, 2085, 1948, 2088, 2010, 2157), 768, 1536)])
-def test_gpu_triton_experts_in_bf16(counts, d, H):
-    """The launch settings of the layer (LAUNCH), bf16 rows and fp32 parameters, against float64."""
+@pytest.mark.parametrize("fused", [None, (False, False), (True, True)])
+def test_gpu_triton_experts_in_bf16(monkeypatch, counts, d, H, fused):
+    """The launch settings of the layer (LAUNCH), bf16 rows and fp32 parameters, against float64; the GELU in the
+    matmuls' epilogues as set (FUSED_GELU), in neither and in both."""
+    if fused is not None:
+        monkeypatch.setattr(moe_gemm, "FUSED_GELU", fused)
     t, expert, ends = _problem(counts, d, H, torch.bfloat16, "cuda")
     y, leaves = _run_triton(t, ends, torch.float32, expert)
     want_y, want = _reference(t, counts)

@@ -70,12 +70,16 @@ def test_triton_bias_gelu_backward_matches_autograd(counts, width):
     torch.testing.assert_close(db.double(), want_db, rtol=1e-5, atol=1e-4)
 
 
-def test_triton_bias_gelu_backward_under_other_launch_settings(monkeypatch):
-    """Other tile shapes only change how the work is split (interpreter)."""
+@pytest.mark.parametrize("small_rows", [0, 10_000])
+def test_triton_bias_gelu_backward_under_other_launch_settings(monkeypatch, small_rows):
+    """Other tile shapes only change how the work is split (interpreter); the settings for many rows (BIAS_GELU)
+    and for few (BIAS_GELU_SMALL, up to SMALL_ROWS rows) each set to them in turn, the other left tuned."""
     pytest.importorskip("triton")
     if not moe_kernels.interpreting():
         pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_triton_kernels_under_the_interpreter starts it)")
-    monkeypatch.setattr(moe_kernels, "BIAS_GELU", dict(ROWS=16, BM=4, BN=32, num_warps=2))
+    monkeypatch.setattr(moe_kernels, "SMALL_ROWS", small_rows)
+    monkeypatch.setattr(moe_kernels, "BIAS_GELU_SMALL" if small_rows else "BIAS_GELU",
+                        dict(ROWS=16, BM=4, BN=32, num_warps=2))
     monkeypatch.setattr(moe_kernels, "BN_SUM", 16)
     monkeypatch.setattr(moe_kernels, "BT_SUM", 2)
     u, bias, grad, expert, ends = _problem((0, 70, 0, 129, 1, 16, 0), 50)

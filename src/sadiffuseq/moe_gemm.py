@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sadiffuseq.attention.globals_triton import interpreting, triton
-from sadiffuseq.moe_kernels import bias_gelu_backward, bias_gelu_forward
+from sadiffuseq.moe_kernels import BN_SUM, BT_SUM, bias_gelu_backward, bias_gelu_forward
 
 if triton is not None:
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from sadiffuseq.moe_kernels import _expert_tiles, _locate_tile
+    from sadiffuseq.moe_kernels import _expert_tiles, _locate_tile, _normal_cdf_and_pdf, _sum_tiles_kernel
 
 # Launch settings per matmul: (BM, BN, BK) the tile, warps, software-pipeline stages, GROUP_M (how many row tiles
 # are launched together over all column tiles: they share their rows in L2), the grid (0 a program per tile, 1
@@ -56,7 +56,14 @@ LAUNCH = {
     "down_input_grad": (128, 256, 64, 8, 3, 4, 2, 1),  # dy · W_downᵀ
     "up_input_grad": (128, 256, 64, 8, 3, 8, 1, 1),  # du · W_upᵀ
     "weight_grad": (128, 256, 64, 8, 4, 8),  # xᵀ · du and hᵀ · dy, one launch
+    # With the up projection's bias and GELU in the epilogue (FUSED_GELU), a ninth field: the epilogue works on
+    # that many slices of the tile's columns, one after the other (fewer registers live at once).
+    "up_gelu": (128, 256, 64, 8, 3, 8, 1, 1, 2),  # x · W_up, then h = GELU(u + b)
+    "down_input_grad_gelu": (128, 256, 64, 8, 3, 4, 1, 1, 4),  # dy · W_downᵀ, then du = dh · GELU'(u + b)
 }
+# Whether the up projection's bias and GELU run in the matmuls' epilogues (forward, backward) instead of kernels
+# of their own.
+FUSED_GELU = (True, False)
 
 
 def supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
@@ -137,11 +144,59 @@ if triton is not None:
         return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.jit
-    def _rows_tile(A_desc, B_desc, C, C_desc, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TRANS_B: tl.constexpr,
-                   TMA_STORE: tl.constexpr):
+    def _store_rows(C, C_desc, val, row0, n0, end, N, whole, BM: tl.constexpr, BN: tl.constexpr):
+        """val (BM, BN) to C's rows row0 .. and columns n0 ..: whole tiles through the descriptor, else the rows
+        before ``end`` and the columns before N."""
+        if whole:
+            C_desc.store([row0, n0], val.to(C.dtype.element_ty))
+        else:
+            rows = row0 + tl.arange(0, BM)
+            cols = n0 + tl.arange(0, BN)
+            mask = (rows < end)[:, None] & (cols < N)[None, :]
+            tl.store(C + rows.to(tl.int64)[:, None] * N + cols[None, :], val.to(C.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gelu_epilogue(val, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole,
+                       BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr):
+        """The up projection's bias and GELU on a slice of a result tile (BN columns from n0).
+
+        EPILOGUE 1 (the forward, val = x · W_up): val to C (the pre-activation u, bias excluded, kept for the
+        backward) and GELU(u + b) to X. EPILOGUE 2 (the backward, val = dh = dy · W_downᵀ): u read from X,
+        du = dh · GELU'(u + b) to C, and du's column sums over the rows this tile owns (from ``first``; a tile moved
+        back shares its first rows with the tile before) to PART, the bias gradient's per-tile share."""
+        cols = n0 + tl.arange(0, BN)
+        b = tl.load(BIAS + eb * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == 1:
+            _store_rows(C, C_desc, val, row0, n0, end, N, whole, BM, BN)
+            z = val + b
+            _store_rows(X, X_desc, z * _normal_cdf_and_pdf(z)[0], row0, n0, end, N, whole, BM, BN)
+        else:
+            rows = row0 + tl.arange(0, BM)
+            if whole:
+                u = X_desc.load([row0, n0])
+            else:
+                u = tl.load(X + rows.to(tl.int64)[:, None] * N + cols[None, :],
+                            mask=(rows < end)[:, None] & (cols < N)[None, :], other=0.0)
+            z = u.to(tl.float32) + b
+            cdf, pdf = _normal_cdf_and_pdf(z)
+            du = val * (cdf + z * pdf)
+            _store_rows(C, C_desc, du, row0, n0, end, N, whole, BM, BN)
+            own = (rows >= first) & (rows < end)
+            tl.store(PART + pid_m.to(tl.int64) * N + cols, tl.sum(tl.where(own[:, None], du, 0.0), 0),
+                     mask=cols < N)
+
+    @triton.jit
+    def _halves(t, BM: tl.constexpr, BN: tl.constexpr):
+        """A (BM, BN) tile's left and right halves of columns."""
+        return tl.split(tl.permute(tl.reshape(t, (BM, 2, BN // 2)), (0, 2, 1)))
+
+    @triton.jit
+    def _rows_tile(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, N, K, E, pid_m, pid_n, idx, starts, ends,
+                   tiles, last, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TRANS_B: tl.constexpr,
+                   TMA_STORE: tl.constexpr, EPILOGUE: tl.constexpr, SUB: tl.constexpr):
         # Past the last tile e = E: no row is valid and the loop below does not run.
         e, row0, end = _locate_tile(pid_m, idx, starts, ends, tiles, last, BM)
+        first = row0
         k_stop = tl.where(e < E, K, 0)
         eb = tl.minimum(e, E - 1)
         whole = False
@@ -160,38 +215,55 @@ if triton is not None:
                 acc = tl.dot(a, B_desc.load([eb * N + n0, k]).T, acc)
             else:  # B holds W (E, K, N)
                 acc = tl.dot(a, B_desc.load([eb * K + k, n0]), acc)
-        if whole:
-            C_desc.store([row0, n0], acc.to(C.dtype.element_ty))
-        else:
-            rows = row0 + tl.arange(0, BM)
-            cols = n0 + tl.arange(0, BN)
-            mask = (rows < end)[:, None] & (cols < N)[None, :]
-            tl.store(C + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
+        if EPILOGUE == 0:
+            _store_rows(C, C_desc, acc, row0, n0, end, N, whole, BM, BN)
+        elif SUB == 1:
+            _gelu_epilogue(acc, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM, BN,
+                           EPILOGUE)
+        else:  # in SUB slices of columns: fewer registers live at once
+            left, right = _halves(acc, BM, BN)
+            if SUB == 2:
+                _gelu_epilogue(left, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM,
+                               BN // 2, EPILOGUE)
+                _gelu_epilogue(right, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 2,
+                               whole, BM, BN // 2, EPILOGUE)
+            else:  # SUB == 4
+                q0, q1 = _halves(left, BM, BN // 2)
+                q2, q3 = _halves(right, BM, BN // 2)
+                _gelu_epilogue(q0, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM,
+                               BN // 4, EPILOGUE)
+                _gelu_epilogue(q1, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 4,
+                               whole, BM, BN // 4, EPILOGUE)
+                _gelu_epilogue(q2, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 2,
+                               whole, BM, BN // 4, EPILOGUE)
+                _gelu_epilogue(q3, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end,
+                               n0 + 3 * (BN // 4), whole, BM, BN // 4, EPILOGUE)
 
     @triton.jit
-    def _rows_kernel(A_desc, B_desc, C, C_desc, ENDS, M, N, K, E,
+    def _rows_kernel(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, ENDS, M, N, K, E,
                      EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                     TRANS_B: tl.constexpr, TMA_STORE: tl.constexpr):
+                     TRANS_B: tl.constexpr, TMA_STORE: tl.constexpr, EPILOGUE: tl.constexpr, SUB: tl.constexpr):
         """One program per (row tile, column tile), over the static bound of the row tiles."""
         tiles_m = tl.cdiv(M, BM) + E
         pid_m, pid_n = _swizzle(tl.program_id(0), tiles_m, tl.cdiv(N, BN), GROUP_M)
         idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, BM)
-        _rows_tile(A_desc, B_desc, C, C_desc, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last, BM, BN, BK,
-                   TRANS_B, TMA_STORE)
+        _rows_tile(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, N, K, E, pid_m, pid_n, idx, starts, ends, tiles,
+                   last, BM, BN, BK, TRANS_B, TMA_STORE, EPILOGUE, SUB)
 
     @triton.jit
-    def _rows_persistent_kernel(A_desc, B_desc, C, C_desc, ENDS, M, N, K, E,
+    def _rows_persistent_kernel(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, ENDS, M, N, K, E,
                                 EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                 GROUP_M: tl.constexpr, TRANS_B: tl.constexpr, TMA_STORE: tl.constexpr,
-                                PROGRAMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                                EPILOGUE: tl.constexpr, SUB: tl.constexpr, PROGRAMS: tl.constexpr,
+                                WARP_SPECIALIZE: tl.constexpr):
         """PROGRAMS programs (one per multiprocessor) loop over the row tiles that hold rows (read on the device)."""
         idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, BM)
         tiles_m = tl.sum(tiles, 0)
         tiles_n = tl.cdiv(N, BN)
         for t in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, warp_specialize=WARP_SPECIALIZE):
             pid_m, pid_n = _swizzle(t, tiles_m, tiles_n, GROUP_M)
-            _rows_tile(A_desc, B_desc, C, C_desc, N, K, E, pid_m, pid_n, idx, starts, ends, tiles, last, BM, BN, BK,
-                       TRANS_B, TMA_STORE)
+            _rows_tile(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, N, K, E, pid_m, pid_n, idx, starts, ends,
+                       tiles, last, BM, BN, BK, TRANS_B, TMA_STORE, EPILOGUE, SUB)
 
     @triton.jit
     def _weights_tile(A_desc, G_desc, A, G, W, ENDS, KA, N, e, pid,
@@ -244,17 +316,24 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch_rows(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str, c: Tensor) -> None:
-    """``c[rows of e] = a[rows of e] · w[e]`` (or ``· w[e]ᵀ``) on the current stream, with ``LAUNCH[launch]``."""
+def _launch_rows(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str, c: Tensor, epilogue: int = 0,
+                 x: Tensor | None = None, bias: Tensor | None = None, part: Tensor | None = None) -> None:
+    """``c[rows of e] = a[rows of e] · w[e]`` (or ``· w[e]ᵀ``) on the current stream, with ``LAUNCH[launch]``; with
+    ``epilogue`` 1 or 2 the up projection's bias and GELU on the result (see :func:`_gelu_epilogue`: x is h, or u,
+    bias b_up, part the per-tile column sums)."""
     M, K = a.shape
     E = w.shape[0]
     N = c.shape[1]
-    BM, BN, BK, warps, stages, group_m, grid, tma_store = LAUNCH[launch]
+    BM, BN, BK, warps, stages, group_m, grid, tma_store, *sub = LAUNCH[launch]
+    sub = sub[0] if sub and epilogue else 1
     a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
     b_desc = TensorDescriptor.from_tensor(w.view(-1, w.shape[2]), [BN, BK] if trans_b else [BK, BN])
-    args = (a_desc, b_desc, c, TensorDescriptor.from_tensor(c, [BM, BN]), ends, M, N, K, E)
+    c_desc = TensorDescriptor.from_tensor(c, [BM, BN // sub])
+    x_desc = c_desc if x is None else TensorDescriptor.from_tensor(x, [BM, BN // sub])
+    args = (a_desc, b_desc, c, c_desc, c if x is None else x, x_desc, c if bias is None else bias,
+            c if part is None else part, ends, M, N, K, E)
     meta = dict(EP=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK, GROUP_M=group_m, TRANS_B=trans_b,
-                TMA_STORE=bool(tma_store), num_warps=warps, num_stages=stages)
+                TMA_STORE=bool(tma_store), EPILOGUE=epilogue, SUB=sub, num_warps=warps, num_stages=stages)
     if grid:
         programs = _multiprocessors(a.device)
         _rows_persistent_kernel[(programs,)](*args, **meta, PROGRAMS=programs, WARP_SPECIALIZE=grid == 2)
@@ -275,6 +354,46 @@ def grouped_mm(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str) -
 @grouped_mm.register_fake
 def _(a, w, ends, trans_b, launch):
     return a.new_empty(a.shape[0], w.shape[1] if trans_b else w.shape[2])
+
+
+@torch.library.custom_op("sadiffuseq::moe_gmm_up_gelu", mutates_args=())
+def up_gelu(rows: Tensor, w_up: Tensor, b_up: Tensor, ends: Tensor) -> tuple[Tensor, Tensor]:
+    """The up projection with its bias and GELU in the matmul's epilogue: ``u = rows[of e] · W_up[e]`` and
+    ``h = GELU(u + b_up[e])``, both (M, H) (launch settings ``LAUNCH["up_gelu"]``)."""
+    rows, w_up, b_up = rows.contiguous(), w_up.contiguous(), b_up.contiguous()
+    u = rows.new_empty(rows.shape[0], w_up.shape[2])
+    h = torch.empty_like(u)
+    _launch_rows(rows, w_up, ends, False, "up_gelu", u, epilogue=1, x=h, bias=b_up)
+    return u, h
+
+
+@up_gelu.register_fake
+def _(rows, w_up, b_up, ends):
+    u = rows.new_empty(rows.shape[0], w_up.shape[2])
+    return u, torch.empty_like(u)
+
+
+@torch.library.custom_op("sadiffuseq::moe_gmm_down_input_grad_gelu", mutates_args=())
+def down_input_grad_gelu(grad: Tensor, w_down: Tensor, u: Tensor, b_up: Tensor, ends: Tensor) -> tuple[Tensor, Tensor]:
+    """The down projection's input gradient through the GELU, in the matmul's epilogue: ``du = (grad[of e] ·
+    W_down[e]ᵀ) · GELU'(u + b_up[e])`` (M, H), and the bias gradient ``Σ_{rows of e} du`` (E, H) from per-tile
+    column sums added in a fixed order (launch settings ``LAUNCH["down_input_grad_gelu"]``)."""
+    grad, w_down, u, b_up = grad.contiguous(), w_down.contiguous(), u.contiguous(), b_up.contiguous()
+    M, H = u.shape
+    E = b_up.shape[0]
+    BM = LAUNCH["down_input_grad_gelu"][0]
+    du = torch.empty_like(u)
+    part = torch.empty(triton.cdiv(M, BM) + E, H, dtype=torch.float32, device=u.device)
+    _launch_rows(grad, w_down, ends, True, "down_input_grad_gelu", du, epilogue=2, x=u, bias=b_up, part=part)
+    d_b_up = torch.empty_like(b_up)
+    _sum_tiles_kernel[(E, triton.cdiv(H, BN_SUM))](part, d_b_up, ends, H, E, EP=max(2, triton.next_power_of_2(E)),
+                                                   ROWS=BM, BN=BN_SUM, BT=BT_SUM, num_warps=4)
+    return du, d_b_up
+
+
+@down_input_grad_gelu.register_fake
+def _(grad, w_down, u, b_up, ends):
+    return torch.empty_like(u), torch.empty_like(b_up)
 
 
 def _launch_weight_grads(a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, ends: Tensor, w1: Tensor,
@@ -370,8 +489,11 @@ class TritonExperts(torch.autograd.Function):
     def forward(ctx, rows: Tensor, w_up: Tensor, b_up: Tensor, w_down: Tensor, expert: Tensor, ends: Tensor) -> Tensor:
         dtype = rows.dtype
         wu, wd, bu = w_up.to(dtype), w_down.to(dtype), b_up.to(dtype)
-        u = torch.ops.sadiffuseq.moe_gmm(rows, wu, ends, False, "up")
-        h = bias_gelu_forward(u, bu, expert, ends)
+        if FUSED_GELU[0]:
+            u, h = torch.ops.sadiffuseq.moe_gmm_up_gelu(rows, wu, bu, ends)
+        else:
+            u = torch.ops.sadiffuseq.moe_gmm(rows, wu, ends, False, "up")
+            h = bias_gelu_forward(u, bu, expert, ends)
         ctx.save_for_backward(rows, wu, bu, wd, u, h, expert, ends)
         ctx.dtypes = (w_up.dtype, b_up.dtype, w_down.dtype)
         return torch.ops.sadiffuseq.moe_gmm(h, wd, ends, False, "down")
@@ -381,8 +503,11 @@ class TritonExperts(torch.autograd.Function):
         rows, wu, bu, wd, u, h, expert, ends = ctx.saved_tensors
         w_up_dtype, b_up_dtype, w_down_dtype = ctx.dtypes
         grad = grad.contiguous()
-        dh = torch.ops.sadiffuseq.moe_gmm(grad, wd, ends, True, "down_input_grad")
-        du, d_b_up = bias_gelu_backward(dh, u, bu, expert, ends)
+        if FUSED_GELU[1]:
+            du, d_b_up = torch.ops.sadiffuseq.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends)
+        else:
+            dh = torch.ops.sadiffuseq.moe_gmm(grad, wd, ends, True, "down_input_grad")
+            du, d_b_up = bias_gelu_backward(dh, u, bu, expert, ends)
         # Both weight gradients in one launch (the down projection's held back until du is known): twice the tiles;
         # beside them, on a second stream, the rows' gradient.
         d_rows, d_w_up, d_w_down = torch.ops.sadiffuseq.moe_gmm_input_and_weight_grads(du, wu, rows, h, grad, ends,
