@@ -17,7 +17,9 @@ dev, dt = "cuda", torch.bfloat16
 E, k, d, H = 8, 2, 768, 1536
 parser = argparse.ArgumentParser()
 parser.add_argument("lengths", type=int, nargs="*", default=[8192, 32768])
-parser.add_argument("--ops", nargs="+", default=list(moe_gemm.LAUNCH), choices=list(moe_gemm.LAUNCH))
+# (The matmuls with the GELU in their epilogues have scripts/gpu_moe_gelu_epilogue.py.)
+OPS = [op for op in moe_gemm.LAUNCH if not op.endswith("_gelu")]
+parser.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
 args = parser.parse_args()
 lengths = args.lengths
 # (BM, BN, BK, warps, stages, GROUP_M, persistent: 0 no, 1 yes, 2 with warp specialisation, TMA stores: 0/1)
