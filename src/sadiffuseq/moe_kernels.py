@@ -42,7 +42,7 @@ if triton is not None:
 # (compiled, no bias gradient) takes 215 µs there.
 BIAS_GELU = dict(ROWS=256, BM=16, BN=128, num_warps=8)
 # Up to SMALL_ROWS routed rows (8k tokens of top-2: 16k rows), BIAS_GELU_SMALL, chosen the same way at 8k tokens:
-# smaller programs, 71.7 µs there against 79.4 for BIAS_GELU.
+# smaller programs, 75.6 µs there against 80.0 for BIAS_GELU (scripts/gpu_gelu_erf.py).
 BIAS_GELU_SMALL = dict(ROWS=64, BM=16, BN=64, num_warps=4)
 SMALL_ROWS = 32768
 BN_SUM = 64
@@ -147,8 +147,8 @@ if triton is not None:
     def _normal_cdf_and_pdf(z):
         """Φ(z) and φ(z) of the standard normal, in fp32, with one exponential for both: erf by Abramowitz & Stegun's
         formula 7.1.26 (|error| ≤ 1.5e-7, about fp32's resolution near 1 and far below bf16's), on the fast
-        reciprocal. CUDA's erff and a separate exp cost about a fifth more time in these memory-bound kernels at
-        16k rows (docs/benchmarks.md)."""
+        reciprocal. With CUDA's erff and a separate exp the forward kernel took 8 % longer at 16k rows
+        (scripts/gpu_gelu_erf.py, docs/benchmarks.md)."""
         e = tl.exp(-0.5 * z * z)
         t = tl.fdiv(1.0, 1.0 + 0.2316419 * tl.abs(z), ieee_rounding=False)  # p / √2 = 0.3275911 / √2
         q = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))) * e
