@@ -35,34 +35,42 @@ def _problem(counts, d, H, dtype=torch.float32, device="cpu", seed=0):
         return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
 
     t = dict(rows=rnd(M, d), w_up=rnd(E, d, H, scale=d**-0.5), b_up=rnd(E, H), w_down=rnd(E, H, d, scale=H**-0.5),
-             grad=rnd(M, d))
+             b_down=rnd(E, d), grad=rnd(M, d))
     expert = torch.repeat_interleave(torch.arange(E), torch.tensor(counts)).to(device)
     ends = torch.tensor(counts).cumsum(0).to(device, torch.int32)
     return t, expert, ends
 
 
-def _reference(t, counts):
+def _params(down_bias):
+    return ("w_up", "b_up", "w_down") + (("b_down",) if down_bias else ())
+
+
+def _reference(t, counts, down_bias=False):
     """Output and gradients of the experts' FFN by autograd in float64, one matmul per expert."""
     p = {name: v.detach().double().requires_grad_(name != "grad") for name, v in t.items()}
     rows = p["rows"].split(list(counts))
-    y = torch.cat([F.gelu(rows[e] @ p["w_up"][e] + p["b_up"][e]) @ p["w_down"][e] for e in range(len(counts))])
+    y = torch.cat([F.gelu(rows[e] @ p["w_up"][e] + p["b_up"][e]) @ p["w_down"][e]
+                   + (p["b_down"][e] if down_bias else 0) for e in range(len(counts))])
     y.backward(p["grad"])
-    return y.detach(), {name: p[name].grad for name in ("rows", "w_up", "b_up", "w_down")}
+    return y.detach(), {name: p[name].grad for name in ("rows",) + _params(down_bias)}
 
 
-def _run_triton(t, ends, param_dtype, expert):
-    """experts_ffn with the parameters in their own dtype (as an fp32 model in mixed precision has them)."""
+def _run_triton(t, ends, param_dtype, expert, down_bias=False):
+    """experts_ffn with the parameters in their own dtype (as an fp32 model in mixed precision has them); the down
+    projection's bias in the experts (``down_bias``) or left to the caller."""
     leaves = {"rows": t["rows"].clone().requires_grad_()}
-    leaves.update({name: t[name].to(param_dtype).clone().requires_grad_() for name in ("w_up", "b_up", "w_down")})
-    y = moe_gemm.experts_ffn(leaves["rows"], leaves["w_up"], leaves["b_up"], leaves["w_down"], expert, ends)
+    leaves.update({name: t[name].to(param_dtype).clone().requires_grad_() for name in _params(down_bias)})
+    y = moe_gemm.experts_ffn(leaves["rows"], leaves["w_up"], leaves["b_up"], leaves["w_down"], expert, ends,
+                             leaves.get("b_down"))
     y.backward(t["grad"])
     return y, leaves
 
 
 def _check_against_reference(counts, d, H):
+    """With the down projection's bias in the experts (its gradient from the weight-gradient launch)."""
     t, expert, ends = _problem(counts, d, H)
-    y, leaves = _run_triton(t, ends, torch.float32, expert)
-    want_y, want = _reference(t, counts)
+    y, leaves = _run_triton(t, ends, torch.float32, expert, down_bias=True)
+    want_y, want = _reference(t, counts, down_bias=True)
     torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
     for name, g in want.items():
         torch.testing.assert_close(leaves[name].grad.double(), g, rtol=1e-5, atol=1e-4, msg=name)
@@ -76,7 +84,7 @@ def _under_interpreter():
 
 @pytest.mark.parametrize("counts, d, H", CASES)
 def test_triton_experts_match_the_per_row_reference(monkeypatch, counts, d, H):
-    """Output and all four gradients (the up bias's from the fused per-tile column sums); fp32 leaves."""
+    """Output and all four gradients, the down projection's bias left to the caller; fp32 leaves."""
     _under_interpreter()
     monkeypatch.setattr(moe_gemm, "LAUNCH", _launch(SMALL + (0, 0)))
     t, expert, ends = _problem(counts, d, H)
@@ -114,18 +122,22 @@ def test_triton_experts_on_persistent_programs(monkeypatch, grid, tma_store):
     _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
 
 
-@pytest.mark.parametrize("fused", [(False, False), (True, True)])
+@pytest.mark.parametrize("fused, sums", [((False, False), 1), ((True, True), 0), ((True, True), 1), ((True, True), 2)])
 @pytest.mark.parametrize("grid, tma_store, sub", [(0, 0, 1), (1, 1, 2), (2, 1, 4), (0, 1, 1)])
-def test_triton_experts_with_the_gelu_in_the_epilogues(monkeypatch, fused, grid, tma_store, sub):
+def test_triton_experts_with_the_gelu_in_the_epilogues(monkeypatch, fused, sums, grid, tma_store, sub):
     """The up projection's bias and GELU in the matmuls' epilogues (FUSED_GELU) or in kernels of their own, the
-    epilogue on the whole tile or on 2 or 4 slices of its columns; the up bias's gradient from the epilogue's
-    per-tile column sums, where a tile moved back to end at its expert's last row shares rows with the tile before
-    (experts of 37 and 17 rows, tiles of 16) and must not count them twice."""
+    epilogue on the whole tile or on 2 or 4 slices of its columns. The up bias's gradient from the epilogue's
+    per-tile column sums (BIAS_SUMS 1 a reduction, 2 a product with ones), where a tile moved back to end at its
+    expert's last row shares rows with the tile before (experts of 37 and 17 rows, tiles of 16) and must not count
+    them twice; or (BIAS_SUMS 0) from programs of the weight-gradient launch, placed first or last in its grid, 8 rows
+    and 16 columns at a time (several of each per expert)."""
     _under_interpreter()
     rows = (16, 32, 16, 2, 2, 2, grid, tma_store)
     monkeypatch.setattr(moe_gemm, "LAUNCH", dict(_launch(rows), up_gelu=rows + (sub,),
                                                  down_input_grad_gelu=rows + (sub,)))
     monkeypatch.setattr(moe_gemm, "FUSED_GELU", fused)
+    monkeypatch.setattr(moe_gemm, "BIAS_SUMS", sums)
+    monkeypatch.setattr(moe_gemm, "WEIGHT_GRAD_BIAS", (1 + grid % 2, 8, 16))
     _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
 
 
@@ -152,12 +164,12 @@ def test_gpu_triton_experts_in_bf16(monkeypatch, counts, d, H, fused):
     if fused is not None:
         monkeypatch.setattr(moe_gemm, "FUSED_GELU", fused)
     t, expert, ends = _problem(counts, d, H, torch.bfloat16, "cuda")
-    y, leaves = _run_triton(t, ends, torch.float32, expert)
-    want_y, want = _reference(t, counts)
+    y, leaves = _run_triton(t, ends, torch.float32, expert, down_bias=True)
+    want_y, want = _reference(t, counts, down_bias=True)
     assert y.dtype == torch.bfloat16
     # Relative to the size of each result (the weight and bias gradients sum over up to 2,000 rows).
     assert (y.double() - want_y).abs().max() <= 2e-2 * want_y.abs().max()
-    for name, g in want.items():
+    for name, g in want.items():  # the down bias's too
         assert leaves[name].grad.dtype == (torch.bfloat16 if name == "rows" else torch.float32)
         assert (leaves[name].grad.double() - g).abs().max() <= 2e-2 * g.abs().max(), name
 

@@ -133,11 +133,17 @@ def _combine_reference(ys, gates, bias, experts, disp, grad):
     return ys64.grad, g64.grad, b64.grad
 
 
-def _check_combine_backward(n, width, k, preference, dtype=torch.float32, device="cpu", tol=1e-5):
+def _check_combine_backward(n, width, k, preference, dtype=torch.float32, device="cpu", tol=1e-5, with_bias=True):
+    """Without the bias (rows that hold it already): the rows' and gates' gradients of a zero bias, and none for
+    the bias."""
     ys, gates, bias, experts, disp, grad, ends = _combine_problem(n, width, k, preference, dtype, device)
     pair, token = disp.pair.to(device), disp.token.to(device)
-    got = moe_kernels.combine_backward(grad, ys, bias, gates, pair, token, ends)
-    for name, a, b in zip(("rows", "gates", "bias"), got, _combine_reference(ys, gates, bias, experts, disp, grad)):
+    got = moe_kernels.combine_backward(grad, ys, bias if with_bias else None, gates, pair, token, ends)
+    want = _combine_reference(ys, gates, bias if with_bias else torch.zeros_like(bias), experts, disp, grad)
+    if not with_bias:
+        assert got[2] is None
+        got, want = got[:2], want[:2]
+    for name, a, b in zip(("rows", "gates", "bias"), got, want):
         assert a.dtype == dtype, name
         assert (a.double() - b).abs().max() <= tol * b.abs().max(), name
 
@@ -147,10 +153,11 @@ INF = float("inf")
 
 @pytest.mark.parametrize("n, width, k, preference", [(150, 200, 2, (-INF, 0, -INF, 0, -3, 0, -INF)),
                                                      (64, 128, 1, (0,)), (90, 40, 3, (0, 0, 0, -2, 0))])
-@pytest.mark.parametrize("launch", [None, dict(BM=16, BD=32, num_warps=2)])
-def test_triton_combine_backward_matches_autograd(monkeypatch, n, width, k, preference, launch):
+@pytest.mark.parametrize("launch, with_bias", [(None, True), (dict(BM=16, BD=32, num_warps=2), True),
+                                               (dict(BM=16, BD=32, num_warps=2), False)])
+def test_triton_combine_backward_matches_autograd(monkeypatch, n, width, k, preference, launch, with_bias):
     """The combine's backward kernel, fp32 under the interpreter, against autograd in float64: the rows', the gates'
-    and the down bias's gradients (the tuned tiles and small ones)."""
+    and the down bias's gradients (the tuned tiles and small ones), and without the bias."""
     pytest.importorskip("triton")
     if not moe_kernels.interpreting():
         pytest.skip("runs under TRITON_INTERPRET=1 (test_moe_triton_kernels_under_the_interpreter starts it)")
@@ -158,7 +165,7 @@ def test_triton_combine_backward_matches_autograd(monkeypatch, n, width, k, pref
         monkeypatch.setattr(moe_kernels, "COMBINE_BACKWARD", launch)
         monkeypatch.setattr(moe_kernels, "BN_SUM", 16)
         monkeypatch.setattr(moe_kernels, "BT_SUM", 2)
-    _check_combine_backward(n, width, k, preference)
+    _check_combine_backward(n, width, k, preference, with_bias=with_bias)
 
 
 def test_moe_triton_kernels_under_the_interpreter():
@@ -178,8 +185,9 @@ def test_gpu_bias_gelu_backward_in_bf16(counts, width):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_gpu_combine_backward_in_bf16():
-    _check_combine_backward(8192, 768, 2, (0,) * 8, torch.bfloat16, "cuda", 1e-2)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gpu_combine_backward_in_bf16(with_bias):
+    _check_combine_backward(8192, 768, 2, (0,) * 8, torch.bfloat16, "cuda", 1e-2, with_bias)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

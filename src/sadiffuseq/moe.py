@@ -270,7 +270,8 @@ class _CombinePairs(torch.autograd.Function):
     in the same pass over the same gathered ``grad_y[t]``; the gate gradients then go back to (token, slot) order
     through ``slot``. The bias gradient is one (E × N)(N × d) product of the gate matrix. Dropped pairs must carry
     a zero gate. Dropless on the GPU, with the experts' row ranges ``ends``, all three gradients come from one Triton
-    kernel instead (:func:`~sadiffuseq.moe_kernels.combine_backward`).
+    kernel instead (:func:`~sadiffuseq.moe_kernels.combine_backward`). ``bias=None`` where the rows hold their
+    experts' biases already (the Triton experts add it in the down projection's matmul).
     """
 
     @staticmethod
@@ -280,7 +281,9 @@ class _CombinePairs(torch.autograd.Function):
         slots, chosen = slot.view(n, k), experts.view(n, k)
         y = None
         for j in range(k):
-            out = rows.index_select(0, slots[:, j]) + bias.index_select(0, chosen[:, j])
+            out = rows.index_select(0, slots[:, j])
+            if bias is not None:
+                out = out + bias.index_select(0, chosen[:, j])
             term = gates[:, j, None].float() * out.float()
             y = term if y is None else y + term
         return y.to(rows.dtype)
@@ -293,13 +296,16 @@ class _CombinePairs(torch.autograd.Function):
             return grad_rows, grad_gates, grad_bias, None, None, None, None, None, None, None
         grad_token = grad.index_select(0, token)
         grad_rows = grad_token * gates.view(-1).index_select(0, pair)[:, None]
-        dots = ((rows + bias.index_select(0, expert)).float() * grad_token.float()).sum(-1)
+        out = rows if bias is None else rows + bias.index_select(0, expert)
+        dots = (out.float() * grad_token.float()).sum(-1)
         grad_gates = dots.index_select(0, slot).view_as(gates)
         if kept is not None:  # a dropped pair's slot points at an unrelated row
             grad_gates = grad_gates * kept.view_as(gates)
-        gate_matrix = torch.zeros(gates.shape[0], bias.shape[0], dtype=grad.dtype, device=grad.device)
-        gate_matrix = gate_matrix.scatter(1, experts, gates)
-        return grad_rows, grad_gates.to(gates.dtype), gate_matrix.t() @ grad, None, None, None, None, None, None, None
+        grad_bias = None
+        if bias is not None:
+            gate_matrix = torch.zeros(gates.shape[0], bias.shape[0], dtype=grad.dtype, device=grad.device)
+            grad_bias = gate_matrix.scatter(1, experts, gates).t() @ grad
+        return grad_rows, grad_gates.to(gates.dtype), grad_bias, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,8 +379,8 @@ def experts_forward(
     expert (the reference and the fallback). ``ends``: the running sums of ``counts`` (int32), where the caller has
     them."""
     offsets = torch.cumsum(counts, 0).to(torch.int32) if ends is None else ends
-    if impl == "triton":
-        y = experts_ffn(x, w_up, b_up, w_down, expert, offsets)
+    if impl == "triton":  # the down projection's bias added in its matmul's epilogue
+        return experts_ffn(x, w_up, b_up, w_down, expert, offsets, b_down)
     else:
         if impl == "grouped":
             mm = lambda a, b: grouped_matmul(a, b, offsets)  # noqa: E731
@@ -580,7 +586,10 @@ class MoEFFN(nn.Module):
             else:
                 rows, gates, experts, disp, aux, entropy = self._route(flat, dtype, cap)
             impl = self.resolve_impl(x.device, dtype, torch.compiler.is_compiling()) if disp.pair.numel() else "loop"
-            ys = experts_forward(rows, disp.expert, disp.counts, self.w_up, self.b_up, self.w_down, None, impl,
+            # The Triton experts add the down projection's bias in its matmul (and take its gradient with the
+            # weights'); the others leave it to the combine.
+            down_bias = self.b_down if impl == "triton" else None
+            ys = experts_forward(rows, disp.expert, disp.counts, self.w_up, self.b_up, self.w_down, down_bias, impl,
                                  disp.ends)
             gates = gates.to(dtype)
             if disp.kept is not None:  # a dropped pair contributes nothing, its expert's bias included
@@ -589,8 +598,8 @@ class MoEFFN(nn.Module):
             # over the k slots accumulates in fp32 inside the reduction, and fp32 copies of the (N, k, d) outputs
             # would double the memory traffic of the combine and of its backward.
             y = _CombinePairs.apply(
-                ys, gates, self.b_down.to(dtype), experts, disp.expert, disp.pair, disp.token, disp.slot, disp.kept,
-                disp.ends
+                ys, gates, None if down_bias is not None else self.b_down.to(dtype), experts, disp.expert, disp.pair,
+                disp.token, disp.slot, disp.kept, disp.ends
             )
         if self.shared is not None:
             y = y + self.shared(flat)

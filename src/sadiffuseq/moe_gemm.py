@@ -59,11 +59,17 @@ LAUNCH = {
     # With the up projection's bias and GELU in the epilogue (FUSED_GELU), a ninth field: the epilogue works on
     # that many slices of the tile's columns, one after the other (fewer registers live at once).
     "up_gelu": (128, 256, 64, 8, 3, 8, 1, 1, 2),  # x · W_up, then h = GELU(u + b)
-    "down_input_grad_gelu": (128, 256, 64, 8, 3, 4, 1, 1, 4),  # dy · W_downᵀ, then du = dh · GELU'(u + b)
+    "down_input_grad_gelu": (128, 256, 64, 8, 3, 4, 1, 1, 2),  # dy · W_downᵀ, then du = dh · GELU'(u + b)
 }
 # Whether the up projection's bias and GELU run in the matmuls' epilogues (forward, backward) instead of kernels
 # of their own.
-FUSED_GELU = (True, False)
+FUSED_GELU = (True, True)
+# How the backward's epilogue sums du over each tile's rows for the bias gradient: 1 a reduction across the warps,
+# 2 on the tensor cores (ones · du).
+BIAS_SUMS = 0
+# The bias gradient's programs in the weight-gradient launch (when the backward's epilogue does not sum): where in
+# the grid (1 first, 2 last), and the rows and columns each takes at a time.
+WEIGHT_GRAD_BIAS = (1, 64, 256)
 
 
 def supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
@@ -156,17 +162,19 @@ if triton is not None:
             tl.store(C + rows.to(tl.int64)[:, None] * N + cols[None, :], val.to(C.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gelu_epilogue(val, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole,
-                       BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr):
-        """The up projection's bias and GELU on a slice of a result tile (BN columns from n0).
+    def _epilogue(val, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole,
+                       BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr, SUMS: tl.constexpr):
+        """A bias, and the up projection's GELU, on a slice of a result tile (BN columns from n0).
 
-        EPILOGUE 1 (the forward, val = x · W_up): val to C (the pre-activation u, bias excluded, kept for the
+        EPILOGUE 3 (the down projection): val + b[e] to C. EPILOGUE 1 (the forward, val = x · W_up): val to C (the pre-activation u, bias excluded, kept for the
         backward) and GELU(u + b) to X. EPILOGUE 2 (the backward, val = dh = dy · W_downᵀ): u read from X,
         du = dh · GELU'(u + b) to C, and du's column sums over the rows this tile owns (from ``first``; a tile moved
         back shares its first rows with the tile before) to PART, the bias gradient's per-tile share."""
         cols = n0 + tl.arange(0, BN)
         b = tl.load(BIAS + eb * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        if EPILOGUE == 1:
+        if EPILOGUE == 3:
+            _store_rows(C, C_desc, val + b, row0, n0, end, N, whole, BM, BN)
+        elif EPILOGUE == 1:
             _store_rows(C, C_desc, val, row0, n0, end, N, whole, BM, BN)
             z = val + b
             _store_rows(X, X_desc, z * _normal_cdf_and_pdf(z)[0], row0, n0, end, N, whole, BM, BN)
@@ -182,8 +190,15 @@ if triton is not None:
             du = val * (cdf + z * pdf)
             _store_rows(C, C_desc, du, row0, n0, end, N, whole, BM, BN)
             own = (rows >= first) & (rows < end)
-            tl.store(PART + pid_m.to(tl.int64) * N + cols, tl.sum(tl.where(own[:, None], du, 0.0), 0),
-                     mask=cols < N)
+            if SUMS == 1:  # a reduction over the tile's rows, across the warps
+                tl.store(PART + pid_m.to(tl.int64) * N + cols, tl.sum(tl.where(own[:, None], du, 0.0), 0),
+                         mask=cols < N)
+            elif SUMS == 2:  # on the tensor cores: a matrix of ones (ones in the owned rows' columns) times du
+                ones = tl.where(own[None, :], 1.0, 0.0) + tl.zeros((64, BM), dtype=tl.float32)
+                sums = tl.dot(ones.to(C.dtype.element_ty), du.to(C.dtype.element_ty))
+                first_row = tl.arange(0, 64) == 0
+                tl.store(PART + pid_m.to(tl.int64) * N + tl.zeros((64, BN), dtype=tl.int32) + cols[None, :], sums,
+                         mask=first_row[:, None] & (cols < N)[None, :])
 
     @triton.jit
     def _halves(t, BM: tl.constexpr, BN: tl.constexpr):
@@ -193,7 +208,7 @@ if triton is not None:
     @triton.jit
     def _rows_tile(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, N, K, E, pid_m, pid_n, idx, starts, ends,
                    tiles, last, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TRANS_B: tl.constexpr,
-                   TMA_STORE: tl.constexpr, EPILOGUE: tl.constexpr, SUB: tl.constexpr):
+                   TMA_STORE: tl.constexpr, EPILOGUE: tl.constexpr, SUB: tl.constexpr, SUMS: tl.constexpr):
         # Past the last tile e = E: no row is valid and the loop below does not run.
         e, row0, end = _locate_tile(pid_m, idx, starts, ends, tiles, last, BM)
         first = row0
@@ -218,43 +233,44 @@ if triton is not None:
         if EPILOGUE == 0:
             _store_rows(C, C_desc, acc, row0, n0, end, N, whole, BM, BN)
         elif SUB == 1:
-            _gelu_epilogue(acc, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM, BN,
-                           EPILOGUE)
+            _epilogue(acc, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM, BN,
+                           EPILOGUE, SUMS)
         else:  # in SUB slices of columns: fewer registers live at once
             left, right = _halves(acc, BM, BN)
             if SUB == 2:
-                _gelu_epilogue(left, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM,
-                               BN // 2, EPILOGUE)
-                _gelu_epilogue(right, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 2,
-                               whole, BM, BN // 2, EPILOGUE)
+                _epilogue(left, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM,
+                               BN // 2, EPILOGUE, SUMS)
+                _epilogue(right, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 2,
+                               whole, BM, BN // 2, EPILOGUE, SUMS)
             else:  # SUB == 4
                 q0, q1 = _halves(left, BM, BN // 2)
                 q2, q3 = _halves(right, BM, BN // 2)
-                _gelu_epilogue(q0, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM,
-                               BN // 4, EPILOGUE)
-                _gelu_epilogue(q1, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 4,
-                               whole, BM, BN // 4, EPILOGUE)
-                _gelu_epilogue(q2, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 2,
-                               whole, BM, BN // 4, EPILOGUE)
-                _gelu_epilogue(q3, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end,
-                               n0 + 3 * (BN // 4), whole, BM, BN // 4, EPILOGUE)
+                _epilogue(q0, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM,
+                               BN // 4, EPILOGUE, SUMS)
+                _epilogue(q1, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 4,
+                               whole, BM, BN // 4, EPILOGUE, SUMS)
+                _epilogue(q2, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 2,
+                               whole, BM, BN // 4, EPILOGUE, SUMS)
+                _epilogue(q3, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end,
+                               n0 + 3 * (BN // 4), whole, BM, BN // 4, EPILOGUE, SUMS)
 
     @triton.jit
     def _rows_kernel(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, ENDS, M, N, K, E,
                      EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                     TRANS_B: tl.constexpr, TMA_STORE: tl.constexpr, EPILOGUE: tl.constexpr, SUB: tl.constexpr):
+                     TRANS_B: tl.constexpr, TMA_STORE: tl.constexpr, EPILOGUE: tl.constexpr, SUB: tl.constexpr,
+                     SUMS: tl.constexpr):
         """One program per (row tile, column tile), over the static bound of the row tiles."""
         tiles_m = tl.cdiv(M, BM) + E
         pid_m, pid_n = _swizzle(tl.program_id(0), tiles_m, tl.cdiv(N, BN), GROUP_M)
         idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, BM)
         _rows_tile(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, N, K, E, pid_m, pid_n, idx, starts, ends, tiles,
-                   last, BM, BN, BK, TRANS_B, TMA_STORE, EPILOGUE, SUB)
+                   last, BM, BN, BK, TRANS_B, TMA_STORE, EPILOGUE, SUB, SUMS)
 
     @triton.jit
     def _rows_persistent_kernel(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, ENDS, M, N, K, E,
                                 EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                 GROUP_M: tl.constexpr, TRANS_B: tl.constexpr, TMA_STORE: tl.constexpr,
-                                EPILOGUE: tl.constexpr, SUB: tl.constexpr, PROGRAMS: tl.constexpr,
+                                EPILOGUE: tl.constexpr, SUB: tl.constexpr, SUMS: tl.constexpr, PROGRAMS: tl.constexpr,
                                 WARP_SPECIALIZE: tl.constexpr):
         """PROGRAMS programs (one per multiprocessor) loop over the row tiles that hold rows (read on the device)."""
         idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, BM)
@@ -263,7 +279,7 @@ if triton is not None:
         for t in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, warp_specialize=WARP_SPECIALIZE):
             pid_m, pid_n = _swizzle(t, tiles_m, tiles_n, GROUP_M)
             _rows_tile(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, N, K, E, pid_m, pid_n, idx, starts, ends,
-                       tiles, last, BM, BN, BK, TRANS_B, TMA_STORE, EPILOGUE, SUB)
+                       tiles, last, BM, BN, BK, TRANS_B, TMA_STORE, EPILOGUE, SUB, SUMS)
 
     @triton.jit
     def _weights_tile(A_desc, G_desc, A, G, W, ENDS, KA, N, e, pid,
@@ -293,19 +309,51 @@ if triton is not None:
         tl.store(W + e.to(tl.int64) * KA * N + ka[:, None] * N + cols[None, :], acc.to(W.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _weights_kernel(A1_desc, G1_desc, A1, G1, W1, KA1, N1, A2_desc, G2_desc, A2, G2, W2, KA2, N2, ENDS, E,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    def _column_sums_tile(G, DB, ENDS, N, e, pid, BR: tl.constexpr, BC: tl.constexpr):
+        """Tile ``pid`` of expert e's bias gradient ``Σ_{rows of e} G`` (BC columns), BR rows at a time, summed
+        elementwise in registers and across the rows once at the end: a fixed order, no atomics."""
+        start = tl.load(ENDS + e - 1, mask=e > 0, other=0)
+        end = tl.load(ENDS + e)
+        cols = pid * BC + tl.arange(0, BC)
+        acc = tl.zeros((BR, BC), dtype=tl.float32)
+        for r in tl.range(start, end, BR, num_stages=1):  # no pipeline buffers: the matmul tiles own the smem
+            rr = r + tl.arange(0, BR)
+            acc += tl.load(G + rr.to(tl.int64)[:, None] * N + cols[None, :],
+                           mask=(rr < end)[:, None] & (cols < N)[None, :], other=0.0).to(tl.float32)
+        tl.store(DB + e * N + cols, tl.sum(acc, 0), mask=cols < N)
+
+    @triton.jit
+    def _weights_kernel(A1_desc, G1_desc, A1, G1, W1, KA1, N1, A2_desc, G2_desc, A2, G2, W2, KA2, N2, DB1, DB2, ENDS,
+                        E, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                        BIAS: tl.constexpr, SUM1: tl.constexpr, SUM2: tl.constexpr, BR: tl.constexpr,
+                        BC: tl.constexpr):
         """Both weight gradients of the experts in one launch, a program per (tile, expert, gradient): the tiles
         of one gradient alone fill the GPU's multiprocessors 4.4 times at the layer's shapes (the last round 36 %
-        full), those of both 8.7 times."""
+        full), those of both 8.7 times. With BIAS 1 (first) or 2 (last), a slice of the grid more sums G1 (SUM1)
+        and G2 (SUM2) over each expert's rows: the biases' gradients, where G1 and G2 are the gradients of the up
+        and the down projections' outputs."""
         pid, g = tl.program_id(0), tl.program_id(1)
-        # One tile body for both (two inlined bodies would each take their own shared memory).
-        if g < E:
-            a_desc, g_desc, a, gr, w, ka, n, e = A1_desc, G1_desc, A1, G1, W1, KA1, N1, g
+        if BIAS == 1:
+            g -= 1
+        is_bias = False
+        if BIAS != 0:
+            is_bias = (g == -1) | (g == 2 * E)
+        if is_bias:
+            c1 = tl.cdiv(N1, BC) if SUM1 else 0
+            c2 = tl.cdiv(N2, BC) if SUM2 else 0
+            if pid < E * c1:
+                _column_sums_tile(G1, DB1, ENDS, N1, pid // c1, pid % c1, BR, BC)
+            elif pid < E * (c1 + c2):
+                pid -= E * c1
+                _column_sums_tile(G2, DB2, ENDS, N2, pid // c2, pid % c2, BR, BC)
         else:
-            a_desc, g_desc, a, gr, w, ka, n, e = A2_desc, G2_desc, A2, G2, W2, KA2, N2, g - E
-        if pid < tl.cdiv(ka, BM) * tl.cdiv(n, BN):
-            _weights_tile(a_desc, g_desc, a, gr, w, ENDS, ka, n, e, pid, BM, BN, BK, GROUP_M)
+            # One tile body for both (two inlined bodies would each take their own shared memory).
+            if g < E:
+                a_desc, g_desc, a, gr, w, ka, n, e = A1_desc, G1_desc, A1, G1, W1, KA1, N1, g
+            else:
+                a_desc, g_desc, a, gr, w, ka, n, e = A2_desc, G2_desc, A2, G2, W2, KA2, N2, g - E
+            if pid < tl.cdiv(ka, BM) * tl.cdiv(n, BN):
+                _weights_tile(a_desc, g_desc, a, gr, w, ENDS, ka, n, e, pid, BM, BN, BK, GROUP_M)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,10 +365,11 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _launch_rows(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str, c: Tensor, epilogue: int = 0,
-                 x: Tensor | None = None, bias: Tensor | None = None, part: Tensor | None = None) -> None:
+                 x: Tensor | None = None, bias: Tensor | None = None, part: Tensor | None = None,
+                 sums: int = 0) -> None:
     """``c[rows of e] = a[rows of e] · w[e]`` (or ``· w[e]ᵀ``) on the current stream, with ``LAUNCH[launch]``; with
     ``epilogue`` 1 or 2 the up projection's bias and GELU on the result (see :func:`_gelu_epilogue`: x is h, or u,
-    bias b_up, part the per-tile column sums)."""
+    bias b_up, part the per-tile column sums when ``sums`` says how, :data:`BIAS_SUMS`)."""
     M, K = a.shape
     E = w.shape[0]
     N = c.shape[1]
@@ -333,7 +382,7 @@ def _launch_rows(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str,
     args = (a_desc, b_desc, c, c_desc, c if x is None else x, x_desc, c if bias is None else bias,
             c if part is None else part, ends, M, N, K, E)
     meta = dict(EP=max(2, triton.next_power_of_2(E)), BM=BM, BN=BN, BK=BK, GROUP_M=group_m, TRANS_B=trans_b,
-                TMA_STORE=bool(tma_store), EPILOGUE=epilogue, SUB=sub, num_warps=warps, num_stages=stages)
+                TMA_STORE=bool(tma_store), EPILOGUE=epilogue, SUB=sub, SUMS=sums, num_warps=warps, num_stages=stages)
     if grid:
         programs = _multiprocessors(a.device)
         _rows_persistent_kernel[(programs,)](*args, **meta, PROGRAMS=programs, WARP_SPECIALIZE=grid == 2)
@@ -342,17 +391,20 @@ def _launch_rows(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str,
 
 
 @torch.library.custom_op("sadiffuseq::moe_gmm", mutates_args=())
-def grouped_mm(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str) -> Tensor:
-    """``a[rows of e] · w[e]`` (w: (E, K, N)), or with ``trans_b`` ``a[rows of e] · w[e]ᵀ`` (w: (E, N, K)), with the
-    launch settings ``LAUNCH[launch]``."""
+def grouped_mm(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str, bias: Tensor | None = None) -> Tensor:
+    """``a[rows of e] · w[e]`` (w: (E, K, N)), or with ``trans_b`` ``a[rows of e] · w[e]ᵀ`` (w: (E, N, K)), plus
+    ``bias[e]`` (E, N) where given, with the launch settings ``LAUNCH[launch]``."""
     a, w = a.contiguous(), w.contiguous()
     c = a.new_empty(a.shape[0], w.shape[1] if trans_b else w.shape[2])
-    _launch_rows(a, w, ends, trans_b, launch, c)
+    if bias is None:
+        _launch_rows(a, w, ends, trans_b, launch, c)
+    else:
+        _launch_rows(a, w, ends, trans_b, launch, c, epilogue=3, bias=bias.contiguous())
     return c
 
 
 @grouped_mm.register_fake
-def _(a, w, ends, trans_b, launch):
+def _(a, w, ends, trans_b, launch, bias=None):
     return a.new_empty(a.shape[0], w.shape[1] if trans_b else w.shape[2])
 
 
@@ -374,17 +426,22 @@ def _(rows, w_up, b_up, ends):
 
 
 @torch.library.custom_op("sadiffuseq::moe_gmm_down_input_grad_gelu", mutates_args=())
-def down_input_grad_gelu(grad: Tensor, w_down: Tensor, u: Tensor, b_up: Tensor, ends: Tensor) -> tuple[Tensor, Tensor]:
+def down_input_grad_gelu(grad: Tensor, w_down: Tensor, u: Tensor, b_up: Tensor, ends: Tensor,
+                         bias_grad: bool) -> tuple[Tensor, Tensor]:
     """The down projection's input gradient through the GELU, in the matmul's epilogue: ``du = (grad[of e] ·
-    W_down[e]ᵀ) · GELU'(u + b_up[e])`` (M, H), and the bias gradient ``Σ_{rows of e} du`` (E, H) from per-tile
-    column sums added in a fixed order (launch settings ``LAUNCH["down_input_grad_gelu"]``)."""
+    W_down[e]ᵀ) · GELU'(u + b_up[e])`` (M, H), and with ``bias_grad`` the bias gradient ``Σ_{rows of e} du`` (E, H)
+    from per-tile column sums added in a fixed order, else an empty (0, H) (launch settings
+    ``LAUNCH["down_input_grad_gelu"]``)."""
     grad, w_down, u, b_up = grad.contiguous(), w_down.contiguous(), u.contiguous(), b_up.contiguous()
     M, H = u.shape
     E = b_up.shape[0]
     BM = LAUNCH["down_input_grad_gelu"][0]
     du = torch.empty_like(u)
-    part = torch.empty(triton.cdiv(M, BM) + E, H, dtype=torch.float32, device=u.device)
-    _launch_rows(grad, w_down, ends, True, "down_input_grad_gelu", du, epilogue=2, x=u, bias=b_up, part=part)
+    part = torch.empty(triton.cdiv(M, BM) + E if bias_grad else 0, H, dtype=torch.float32, device=u.device)
+    _launch_rows(grad, w_down, ends, True, "down_input_grad_gelu", du, epilogue=2, x=u, bias=b_up, part=part,
+                 sums=BIAS_SUMS if bias_grad else 0)
+    if not bias_grad:
+        return du, b_up.new_empty(0, H)
     d_b_up = torch.empty_like(b_up)
     _sum_tiles_kernel[(E, triton.cdiv(H, BN_SUM))](part, d_b_up, ends, H, E, EP=max(2, triton.next_power_of_2(E)),
                                                    ROWS=BM, BN=BN_SUM, BT=BT_SUM, num_warps=4)
@@ -392,22 +449,28 @@ def down_input_grad_gelu(grad: Tensor, w_down: Tensor, u: Tensor, b_up: Tensor, 
 
 
 @down_input_grad_gelu.register_fake
-def _(grad, w_down, u, b_up, ends):
-    return torch.empty_like(u), torch.empty_like(b_up)
+def _(grad, w_down, u, b_up, ends, bias_grad):
+    return torch.empty_like(u), b_up.new_empty(b_up.shape[0] if bias_grad else 0, u.shape[1])
 
 
 def _launch_weight_grads(a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, ends: Tensor, w1: Tensor,
-                         w2: Tensor) -> None:
-    """``w[e] = a[rows of e]ᵀ · g[rows of e]`` for both pairs, one launch on the current stream."""
+                         w2: Tensor, db1: Tensor | None = None, db2: Tensor | None = None) -> None:
+    """``w[e] = a[rows of e]ᵀ · g[rows of e]`` for both pairs, one launch on the current stream; with ``db1`` (and
+    ``db2``) also ``db[e] = Σ_{rows of e} g`` (fp32) for g1 (g2)."""
     BM, BN, BK, warps, stages, group_m = LAUNCH["weight_grad"]
+    sums = db1 is not None or db2 is not None
+    bias, BR, BC = WEIGHT_GRAD_BIAS if sums else (0, 16, 16)
     E = ends.shape[0]
-    args, tiles = [], []
+    sum_tiles = E * sum(triton.cdiv(g.shape[1], BC) for g, db in ((g1, db1), (g2, db2)) if db is not None)
+    args, tiles = [], [sum_tiles]
     for a, g, w in ((a1, g1, w1), (a2, g2, w2)):
         KA, N = a.shape[1], g.shape[1]
         args += [TensorDescriptor.from_tensor(a, [BK, BM]), TensorDescriptor.from_tensor(g, [BK, BN]), a, g, w, KA, N]
         tiles.append(triton.cdiv(KA, BM) * triton.cdiv(N, BN))
-    _weights_kernel[(max(tiles), 2 * E)](*args, ends, E, BM=BM, BN=BN, BK=BK, GROUP_M=group_m, num_warps=warps,
-                                         num_stages=stages)
+    args += [w1 if db1 is None else db1, w2 if db2 is None else db2, ends, E]
+    _weights_kernel[(max(tiles), 2 * E + sums)](*args, BM=BM, BN=BN, BK=BK, GROUP_M=group_m, BIAS=bias,
+                                                SUM1=db1 is not None, SUM2=db2 is not None, BR=BR, BC=BC,
+                                                num_warps=warps, num_stages=stages)
 
 
 def _weight_grad_outputs(a1, g1, a2, g2, ends, out_dtype):
@@ -438,11 +501,18 @@ CONCURRENT_BACKWARD = True
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 
 
+def _bias_grad_output(g: Tensor, ends: Tensor, wanted: bool) -> Tensor:
+    return g.new_empty(ends.shape[0] if wanted else 0, g.shape[1], dtype=torch.float32)
+
+
 @torch.library.custom_op("sadiffuseq::moe_gmm_input_and_weight_grads", mutates_args=())
 def input_and_weight_grads(du: Tensor, w_up: Tensor, rows: Tensor, h: Tensor, grad: Tensor, ends: Tensor,
-                           out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """The rest of the experts' backward once ``du`` is known: the rows' gradient ``du[rows of e] · W_up[e]ᵀ`` and
-    both weight gradients (``rowsᵀ · du`` and ``hᵀ · grad`` per expert, in ``out_dtype``).
+                           out_dtype: torch.dtype, up_bias_grad: bool,
+                           down_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The rest of the experts' backward once ``du`` is known: the rows' gradient ``du[rows of e] · W_up[e]ᵀ``, both
+    weight gradients (``rowsᵀ · du`` and ``hᵀ · grad`` per expert, in ``out_dtype``) and, where asked for, the
+    biases' gradients ``Σ_{rows of e} du`` (E, H) and ``Σ_{rows of e} grad`` (E, d) in fp32 from the weight-gradient
+    launch (else empty, (0, H) and (0, d)).
 
     On a GPU (with :data:`CONCURRENT_BACKWARD`) the weight gradients run on a second stream beside the input
     gradient: each kernel alone leaves multiprocessors idle in its last round of tiles (at 8k tokens the input
@@ -452,6 +522,8 @@ def input_and_weight_grads(du: Tensor, w_up: Tensor, rows: Tensor, h: Tensor, gr
     du, w_up, rows, h, grad = (t.contiguous() for t in (du, w_up, rows, h, grad))
     d_rows = du.new_empty(du.shape[0], w_up.shape[1])
     w1, w2 = _weight_grad_outputs(rows, du, h, grad, ends, out_dtype)
+    db1, db2 = _bias_grad_output(du, ends, up_bias_grad), _bias_grad_output(grad, ends, down_bias_grad)
+    sums = (db1 if up_bias_grad else None, db2 if down_bias_grad else None)
     if du.is_cuda and CONCURRENT_BACKWARD:
         current = torch.cuda.current_stream(du.device)
         side = _SIDE_STREAMS.get(current.device_index)
@@ -460,17 +532,18 @@ def input_and_weight_grads(du: Tensor, w_up: Tensor, rows: Tensor, h: Tensor, gr
         side.wait_stream(current)  # before the launch below: the side stream must not wait for it
         _launch_rows(du, w_up, ends, True, "up_input_grad", d_rows)
         with torch.cuda.stream(side):
-            _launch_weight_grads(rows, du, h, grad, ends, w1, w2)
+            _launch_weight_grads(rows, du, h, grad, ends, w1, w2, *sums)
         current.wait_stream(side)
     else:
         _launch_rows(du, w_up, ends, True, "up_input_grad", d_rows)
-        _launch_weight_grads(rows, du, h, grad, ends, w1, w2)
-    return d_rows, w1, w2
+        _launch_weight_grads(rows, du, h, grad, ends, w1, w2, *sums)
+    return d_rows, w1, w2, db1, db2
 
 
 @input_and_weight_grads.register_fake
-def _(du, w_up, rows, h, grad, ends, out_dtype):
-    return (du.new_empty(du.shape[0], w_up.shape[1]), *_weight_grad_outputs(rows, du, h, grad, ends, out_dtype))
+def _(du, w_up, rows, h, grad, ends, out_dtype, up_bias_grad, down_bias_grad):
+    return (du.new_empty(du.shape[0], w_up.shape[1]), *_weight_grad_outputs(rows, du, h, grad, ends, out_dtype),
+            _bias_grad_output(du, ends, up_bias_grad), _bias_grad_output(grad, ends, down_bias_grad))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -478,15 +551,18 @@ def _(du, w_up, rows, h, grad, ends, out_dtype):
 
 
 class TritonExperts(torch.autograd.Function):
-    """``GELU(rows[e] · W_up[e] + b_up[e]) · W_down[e]`` for rows sorted by expert (``expert``: each row's expert,
-    ``ends = cumsum(counts)``, int32).
+    """``GELU(rows[e] · W_up[e] + b_up[e]) · W_down[e] (+ b_down[e])`` for rows sorted by expert (``expert``: each
+    row's expert, ``ends = cumsum(counts)``, int32).
 
     The parameters come in their own dtype (fp32 in mixed precision) and are cast to the rows' dtype here, so that
     the weight gradients leave in the parameters' dtype straight from the kernels. Saved for the backward: the rows,
-    the cast weights, the up projection's output and the activation (what a dense FFN keeps too)."""
+    the cast weights, the up projection's output and the activation (what a dense FFN keeps too). Both biases'
+    gradients are column sums over each expert's rows, taken by programs of the weight-gradient launch (or, with
+    the GELU's backward in a kernel of its own, the up bias's there)."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, w_up: Tensor, b_up: Tensor, w_down: Tensor, expert: Tensor, ends: Tensor) -> Tensor:
+    def forward(ctx, rows: Tensor, w_up: Tensor, b_up: Tensor, w_down: Tensor, expert: Tensor, ends: Tensor,
+                b_down: Tensor | None) -> Tensor:
         dtype = rows.dtype
         wu, wd, bu = w_up.to(dtype), w_down.to(dtype), b_up.to(dtype)
         if FUSED_GELU[0]:
@@ -495,27 +571,35 @@ class TritonExperts(torch.autograd.Function):
             u = torch.ops.sadiffuseq.moe_gmm(rows, wu, ends, False, "up")
             h = bias_gelu_forward(u, bu, expert, ends)
         ctx.save_for_backward(rows, wu, bu, wd, u, h, expert, ends)
-        ctx.dtypes = (w_up.dtype, b_up.dtype, w_down.dtype)
-        return torch.ops.sadiffuseq.moe_gmm(h, wd, ends, False, "down")
+        ctx.dtypes = (w_up.dtype, b_up.dtype, w_down.dtype, None if b_down is None else b_down.dtype)
+        return torch.ops.sadiffuseq.moe_gmm(h, wd, ends, False, "down", None if b_down is None else b_down.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         rows, wu, bu, wd, u, h, expert, ends = ctx.saved_tensors
-        w_up_dtype, b_up_dtype, w_down_dtype = ctx.dtypes
+        w_up_dtype, b_up_dtype, w_down_dtype, b_down_dtype = ctx.dtypes
         grad = grad.contiguous()
+        # The up projection's bias gradient: from the GELU backward's kernel, from the epilogue that does its work
+        # (BIAS_SUMS 1 or 2), or (BIAS_SUMS 0) from programs of the weight-gradient launch.
+        in_weights = FUSED_GELU[1] and BIAS_SUMS == 0
         if FUSED_GELU[1]:
-            du, d_b_up = torch.ops.sadiffuseq.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends)
+            du, d_b_up = torch.ops.sadiffuseq.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, not in_weights)
         else:
             dh = torch.ops.sadiffuseq.moe_gmm(grad, wd, ends, True, "down_input_grad")
             du, d_b_up = bias_gelu_backward(dh, u, bu, expert, ends)
         # Both weight gradients in one launch (the down projection's held back until du is known): twice the tiles;
         # beside them, on a second stream, the rows' gradient.
-        d_rows, d_w_up, d_w_down = torch.ops.sadiffuseq.moe_gmm_input_and_weight_grads(du, wu, rows, h, grad, ends,
-                                                                                        w_up_dtype)
+        d_rows, d_w_up, d_w_down, db_up, d_b_down = torch.ops.sadiffuseq.moe_gmm_input_and_weight_grads(
+            du, wu, rows, h, grad, ends, w_up_dtype, in_weights, b_down_dtype is not None)
+        if in_weights:
+            d_b_up = db_up
         d_rows = d_rows if ctx.needs_input_grad[0] else None
-        return d_rows, d_w_up, d_b_up.to(b_up_dtype), d_w_down.to(w_down_dtype), None, None
+        d_b_down = None if b_down_dtype is None else d_b_down.to(b_down_dtype)
+        return d_rows, d_w_up, d_b_up.to(b_up_dtype), d_w_down.to(w_down_dtype), None, None, d_b_down
 
 
-def experts_ffn(rows: Tensor, w_up: Tensor, b_up: Tensor, w_down: Tensor, expert: Tensor, ends: Tensor) -> Tensor:
-    """:class:`TritonExperts` (the down projection's bias is the caller's: the layer adds it gate-weighted)."""
-    return TritonExperts.apply(rows, w_up, b_up, w_down, expert, ends)
+def experts_ffn(rows: Tensor, w_up: Tensor, b_up: Tensor, w_down: Tensor, expert: Tensor, ends: Tensor,
+                b_down: Tensor | None = None) -> Tensor:
+    """:class:`TritonExperts`; without ``b_down`` the down projection's bias is the caller's (added gate-weighted,
+    per token)."""
+    return TritonExperts.apply(rows, w_up, b_up, w_down, expert, ends, b_down)

@@ -90,13 +90,16 @@ def bias_gelu_forward(u: Tensor, bias: Tensor, expert: Tensor, ends: Tensor) -> 
     return F.gelu(u + bias.index_select(0, expert))
 
 
-def combine_backward(grad: Tensor, ys: Tensor, bias: Tensor, gates: Tensor, pair: Tensor, token: Tensor,
-                     ends: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def combine_backward(grad: Tensor, ys: Tensor, bias: Tensor | None, gates: Tensor, pair: Tensor, token: Tensor,
+                     ends: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """The backward of ``y[n] = Σ_j gates[n, j] · (ys[slot(n, j)] + bias[experts[n, j]])`` for a dropless layer, on
     the Triton kernel (:func:`use_triton`): the sorted rows' gradients (M, d), the gates' (N, k) and the bias's (E,
     d), the last as per-tile column sums added in a fixed order — one pass over ``grad`` and ``ys`` where PyTorch
-    takes that pass plus an (E × N)(N × d) product of the gate matrix."""
-    return torch.ops.sadiffuseq.moe_combine_backward(grad, ys, bias, gates, pair, token, ends)
+    takes that pass plus an (E × N)(N × d) product of the gate matrix. ``bias=None``: the rows hold their biases
+    already (no bias gradient here)."""
+    grad_rows, grad_gates, grad_bias = torch.ops.sadiffuseq.moe_combine_backward(grad, ys, bias, gates, pair, token,
+                                                                                 ends)
+    return grad_rows, grad_gates, grad_bias if bias is not None else None
 
 
 class BiasGELU(torch.autograd.Function):
@@ -210,11 +213,12 @@ if triton is not None:
 
     @triton.jit
     def _combine_backward_kernel(G, Y, B, GATES, PAIR, TOKEN, DY, DGATE, PART, ENDS, D, E, EP: tl.constexpr,
-                                 BM: tl.constexpr, BD: tl.constexpr):
+                                 BM: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr):
         """The backward of the gate-weighted combine for a tile of BM sorted rows of one expert, all D columns: each
         row's gradient ``gate · grad_y[token]``, its gate's gradient ``(y + b[e]) · grad_y[token]`` (stored at the
         row's pair: distinct places) and the tile's column sums of the rows' gradients (the down bias's
-        gradient, summed over the expert's tiles by ``_sum_tiles_kernel``)."""
+        gradient, summed over the expert's tiles by ``_sum_tiles_kernel``). Without HAS_BIAS the rows already hold
+        their expert's bias (added by the down projection's matmul, which also takes its gradient)."""
         t = tl.program_id(0)
         idx, starts, ends, tiles, last = _expert_tiles(ENDS, E, EP, BM)
         e, row0, end = _locate_tile(t, idx, starts, ends, tiles, last, BM)
@@ -230,12 +234,13 @@ if triton is not None:
             mask = valid[:, None] & (cols < D)[None, :]
             g = tl.load(G + token[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             y = tl.load(Y + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(B + eb * D + cols, mask=cols < D, other=0.0).to(tl.float32)
             dy = gate[:, None] * g
             tl.store(DY + rows.to(tl.int64)[:, None] * D + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
-            dot += tl.sum((y + b[None, :]) * g, 1)
-            tl.store(PART + t.to(tl.int64) * D + cols, tl.sum(dy, 0), mask=cols < D)
-        tl.store(DGATE + pair, dot, mask=valid)
+            if HAS_BIAS:
+                y += tl.load(B + eb * D + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+                tl.store(PART + t.to(tl.int64) * D + cols, tl.sum(dy, 0), mask=cols < D)
+            dot += tl.sum(y * g, 1)
+        tl.store(DGATE + pair, dot.to(DGATE.dtype.element_ty), mask=valid)
 
 @torch.library.custom_op("sadiffuseq::moe_bias_gelu_backward", mutates_args=())
 def _bias_gelu_backward_op(grad: Tensor, u: Tensor, bias: Tensor, ends: Tensor) -> tuple[Tensor, Tensor]:
@@ -279,25 +284,29 @@ def _(u, bias, ends):
 
 
 @torch.library.custom_op("sadiffuseq::moe_combine_backward", mutates_args=())
-def _combine_backward_op(grad: Tensor, ys: Tensor, bias: Tensor, gates: Tensor, pair: Tensor, token: Tensor,
+def _combine_backward_op(grad: Tensor, ys: Tensor, bias: Tensor | None, gates: Tensor, pair: Tensor, token: Tensor,
                          ends: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    grad, ys, bias, gates = grad.contiguous(), ys.contiguous(), bias.contiguous(), gates.contiguous()
+    grad, ys, gates = grad.contiguous(), ys.contiguous(), gates.contiguous()
     M, D = ys.shape
-    E = bias.shape[0]
+    E = ends.shape[0]
     BM, BD, warps = (COMBINE_BACKWARD[key] for key in ("BM", "BD", "num_warps"))
     n_tiles = triton.cdiv(M, BM) + E  # every expert's last tile may be partial
     EP = max(2, triton.next_power_of_2(E))
     grad_rows = torch.empty_like(ys)
-    grad_gates = torch.empty(gates.numel(), dtype=torch.float32, device=ys.device)
-    part = torch.empty((n_tiles, D), dtype=torch.float32, device=ys.device)
-    grad_bias = torch.empty_like(bias)
-    _combine_backward_kernel[(n_tiles,)](grad, ys, bias, gates, pair, token, grad_rows, grad_gates, part, ends, D, E,
-                                         EP=EP, BM=BM, BD=BD, num_warps=warps)
-    _sum_tiles_kernel[(E, triton.cdiv(D, BN_SUM))](part, grad_bias, ends, D, E, EP=EP, ROWS=BM, BN=BN_SUM,
-                                                   BT=BT_SUM, num_warps=4)
-    return grad_rows, grad_gates.view(gates.shape).to(gates.dtype), grad_bias
+    grad_gates = torch.empty(gates.shape, dtype=gates.dtype, device=ys.device)
+    has_bias = bias is not None
+    part = torch.empty((n_tiles if has_bias else 0, D), dtype=torch.float32, device=ys.device)
+    grad_bias = torch.empty_like(bias) if has_bias else ys.new_empty(0, D)
+    _combine_backward_kernel[(n_tiles,)](grad, ys, bias.contiguous() if has_bias else ys, gates, pair, token,
+                                         grad_rows, grad_gates, part, ends, D, E, EP=EP, BM=BM, BD=BD,
+                                         HAS_BIAS=has_bias, num_warps=warps)
+    if has_bias:
+        _sum_tiles_kernel[(E, triton.cdiv(D, BN_SUM))](part, grad_bias, ends, D, E, EP=EP, ROWS=BM, BN=BN_SUM,
+                                                       BT=BT_SUM, num_warps=4)
+    return grad_rows, grad_gates, grad_bias
 
 
 @_combine_backward_op.register_fake
 def _(grad, ys, bias, gates, pair, token, ends):
-    return torch.empty_like(ys), torch.empty_like(gates), torch.empty_like(bias)
+    return torch.empty_like(ys), torch.empty_like(gates), torch.empty_like(bias) if bias is not None else \
+        ys.new_empty(0, ys.shape[1])
