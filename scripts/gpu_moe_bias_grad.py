@@ -41,7 +41,8 @@ for N in (8192, 32768):
 
     def separate():
         du, db = ops.moe_bias_gelu_backward(ops.moe_gmm(grad, wd, ends, True, "down_input_grad"), u, bu, ends)
-        return (du, db) + tuple(ops.moe_gmm_input_and_weight_grads(du, wu, rows, h, grad, ends, torch.float32, False))
+        return (du, db) + tuple(ops.moe_gmm_input_and_weight_grads(du, wu, rows, h, grad, ends, torch.float32, False,
+                                                                     False))
 
     want = separate()
 
@@ -49,8 +50,8 @@ for N in (8192, 32768):
         def run():
             mg.BIAS_SUMS = sums
             du, db = ops.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, sums != 0)
-            d_rows, w1, w2, db2 = ops.moe_gmm_input_and_weight_grads(du, wu, rows, h, grad, ends, torch.float32,
-                                                                      sums == 0)
+            d_rows, w1, w2, db2, _ = ops.moe_gmm_input_and_weight_grads(du, wu, rows, h, grad, ends, torch.float32,
+                                                                         sums == 0, False)
             return du, (db if sums else db2), d_rows, w1, w2
         return run
 

@@ -141,6 +141,24 @@ def test_triton_experts_with_the_gelu_in_the_epilogues(monkeypatch, fused, sums,
     _check_against_reference((0, 37, 0, 17, 1, 16, 0), 24, 40)
 
 
+@pytest.mark.parametrize("with_down_bias", [True, False])
+def test_triton_cast_params_gives_torchs_casts(monkeypatch, with_down_bias):
+    """The experts' parameters cast in one launch (programs of 64 elements here, so that each tensor spans several
+    and ends inside one): the same bits as ``Tensor.to``, shapes kept; no down bias, an empty fourth result."""
+    _under_interpreter()
+    monkeypatch.setattr(moe_gemm, "CAST_BLOCK", 64)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(*shape, generator=g) * 100 for shape in ((3, 8, 30), (3, 30), (3, 30, 8), (3, 8))]
+    if not with_down_bias:
+        params[3] = None
+    got = torch.ops.sadiffuseq.moe_cast_params(*params, torch.float16)
+    for out, want in zip(got, params):
+        if want is None:
+            assert out.numel() == 0
+        else:
+            assert out.dtype == torch.float16 and torch.equal(out, want.to(torch.float16))
+
+
 def test_moe_gemm_under_the_interpreter():
     run_under_interpreter(__file__, "triton_ and not gpu")
 

@@ -1,8 +1,8 @@
 """The MoE layer's expert matmuls as Triton grouped matmuls, and the experts' feed-forward built on them.
 
 The rows are sorted by expert (``counts[e]`` contiguous rows of expert e, ``ends = cumsum(counts)``); expert e
-computes ``y = GELU(x W_up[e] + b_up[e]) W_down[e]``. :class:`TritonExperts` is that expression, forward and
-backward, on kernels of two kinds:
+computes ``y = GELU(x W_up[e] + b_up[e]) W_down[e] (+ b_down[e])``. :class:`TritonExperts` is that expression,
+forward and backward, on kernels of two kinds:
 
 * **Row-grouped** (:func:`_rows_kernel`): ``C[rows of e] = A[rows of e] · B[e]`` (or ``· B[e]ᵀ``). The rows are cut
   into tiles of BM rows *per expert*, every tile multiplied by its own expert's weights; rows past an expert's end
@@ -15,10 +15,14 @@ backward, on kernels of two kinds:
   expert's rows, written straight in the parameters' dtype (fp32 in mixed precision): no bf16 result to cast. Both
   projections' weight gradients run as one launch: twice the tiles fill the multiprocessors more evenly.
 
-Around them: the bias + GELU forward and its backward with the bias gradient are kernels of their own
-(:func:`sadiffuseq.moe_kernels.bias_gelu_forward`, :func:`~sadiffuseq.moe_kernels.bias_gelu_backward`). Fusing the GELU into the matmuls'
-epilogues was measured slower: without the overlap of warp specialisation (which Triton 3.6 did not compile with
-those epilogues) the GELU's arithmetic runs while the tensor cores idle (docs/benchmarks.md).
+Around the matmuls, in their epilogues (:func:`_epilogue`, on slices of each tile's columns to keep the registers
+in hand): the up projection's bias and GELU (the forward stores both the pre-activation u, kept for the backward,
+and h), the GELU's derivative in the backward (``du = dh · GELU'(u + b)``, u read back per tile), and the down
+projection's bias. The biases' gradients are column sums of du and of the output's gradient over each expert's
+rows: programs of the weight-gradient launch take them (:func:`_column_sums_tile`), which costs less than summing
+per tile in the epilogue (docs/benchmarks.md). With ``FUSED_GELU`` off the bias + GELU run as kernels of their own
+(:func:`sadiffuseq.moe_kernels.bias_gelu_forward`, :func:`~sadiffuseq.moe_kernels.bias_gelu_backward`). The fp32
+parameters are cast to bf16 in one launch (:func:`cast_params`).
 
 What this gains over ``torch._grouped_mm`` (PyTorch 2.11 runs one CUTLASS configuration on sm90 whatever the
 shapes, plus a setup kernel per call): launch settings chosen per matmul on an H100, persistent warp-specialised
@@ -64,8 +68,10 @@ LAUNCH = {
 # Whether the up projection's bias and GELU run in the matmuls' epilogues (forward, backward) instead of kernels
 # of their own.
 FUSED_GELU = (True, True)
-# How the backward's epilogue sums du over each tile's rows for the bias gradient: 1 a reduction across the warps,
-# 2 on the tensor cores (ones · du).
+# Where the up projection's bias gradient is summed when the backward's GELU is in the matmul's epilogue: 0 by
+# programs of the weight-gradient launch (WEIGHT_GRAD_BIAS); in the epilogue, per tile, 1 as a reduction across the
+# warps or 2 on the tensor cores (ones · du). At 8k tokens the epilogue's sums cost 25 (1) or 15 µs (2), the weight
+# launch's programs about 6 (scripts/gpu_moe_bias_grad.py).
 BIAS_SUMS = 0
 # The bias gradient's programs in the weight-gradient launch (when the backward's epilogue does not sum): where in
 # the grid (1 first, 2 last), and the rows and columns each takes at a time.
@@ -356,6 +362,23 @@ if triton is not None:
                 _weights_tile(a_desc, g_desc, a, gr, w, ENDS, ka, n, e, pid, BM, BN, BK, GROUP_M)
 
 
+    @triton.jit
+    def _cast_kernel(S0, D0, N0, S1, D1, N1, S2, D2, N2, S3, D3, N3, BLOCK: tl.constexpr):
+        """Up to four tensors cast in one launch: each program copies BLOCK elements of one of them."""
+        pid = tl.program_id(0)
+        b0, b1, b2 = tl.cdiv(N0, BLOCK), tl.cdiv(N1, BLOCK), tl.cdiv(N2, BLOCK)
+        if pid < b0:
+            src, dst, n = S0, D0, N0
+        elif pid < b0 + b1:
+            src, dst, n, pid = S1, D1, N1, pid - b0
+        elif pid < b0 + b1 + b2:
+            src, dst, n, pid = S2, D2, N2, pid - b0 - b1
+        else:
+            src, dst, n, pid = S3, D3, N3, pid - b0 - b1 - b2
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n).to(dst.dtype.element_ty), mask=offs < n)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Launchers, as custom ops (torch.compile keeps each one opaque call)
 
@@ -388,6 +411,29 @@ def _launch_rows(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str,
         _rows_persistent_kernel[(programs,)](*args, **meta, PROGRAMS=programs, WARP_SPECIALIZE=grid == 2)
     else:  # every expert's last tile may be partial: cdiv(M, BM) + E row tiles at most
         _rows_kernel[((triton.cdiv(M, BM) + E) * triton.cdiv(N, BN),)](*args, **meta)
+
+
+CAST_BLOCK = 4096  # elements per program of the parameters' cast
+
+
+@torch.library.custom_op("sadiffuseq::moe_cast_params", mutates_args=())
+def cast_params(w_up: Tensor, b_up: Tensor, w_down: Tensor, b_down: Tensor | None,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The experts' parameters in ``dtype``, one launch for all (``b_down=None``: an empty fourth result). Left to
+    ``torch.compile`` the casts were four kernels, the two weights' about 21 µs each at the layer's shapes."""
+    srcs = [t.contiguous() for t in (w_up, b_up, w_down)] + [b_down.contiguous() if b_down is not None else
+                                                              w_up.new_empty(0)]
+    outs = [torch.empty(t.shape, dtype=dtype, device=t.device) for t in srcs]
+    args = [a for src, out in zip(srcs, outs) for a in (src, out, src.numel())]
+    blocks = sum(triton.cdiv(src.numel(), CAST_BLOCK) for src in srcs)
+    _cast_kernel[(blocks,)](*args, BLOCK=CAST_BLOCK, num_warps=8)
+    return tuple(outs)
+
+
+@cast_params.register_fake
+def _(w_up, b_up, w_down, b_down, dtype):
+    return tuple(torch.empty(t.shape, dtype=dtype, device=t.device)
+                 for t in (w_up, b_up, w_down, b_down if b_down is not None else w_up.new_empty(0)))
 
 
 @torch.library.custom_op("sadiffuseq::moe_gmm", mutates_args=())
@@ -439,7 +485,7 @@ def down_input_grad_gelu(grad: Tensor, w_down: Tensor, u: Tensor, b_up: Tensor, 
     du = torch.empty_like(u)
     part = torch.empty(triton.cdiv(M, BM) + E if bias_grad else 0, H, dtype=torch.float32, device=u.device)
     _launch_rows(grad, w_down, ends, True, "down_input_grad_gelu", du, epilogue=2, x=u, bias=b_up, part=part,
-                 sums=BIAS_SUMS if bias_grad else 0)
+                 sums=(BIAS_SUMS or 1) if bias_grad else 0)
     if not bias_grad:
         return du, b_up.new_empty(0, H)
     d_b_up = torch.empty_like(b_up)
@@ -564,7 +610,11 @@ class TritonExperts(torch.autograd.Function):
     def forward(ctx, rows: Tensor, w_up: Tensor, b_up: Tensor, w_down: Tensor, expert: Tensor, ends: Tensor,
                 b_down: Tensor | None) -> Tensor:
         dtype = rows.dtype
-        wu, wd, bu = w_up.to(dtype), w_down.to(dtype), b_up.to(dtype)
+        if any(t is not None and t.dtype != dtype for t in (w_up, b_up, w_down, b_down)):  # one launch for all
+            wu, bu, wd, bd = torch.ops.sadiffuseq.moe_cast_params(w_up, b_up, w_down, b_down, dtype)
+            bd = bd if b_down is not None else None
+        else:
+            wu, bu, wd, bd = w_up, b_up, w_down, b_down
         if FUSED_GELU[0]:
             u, h = torch.ops.sadiffuseq.moe_gmm_up_gelu(rows, wu, bu, ends)
         else:
@@ -572,7 +622,7 @@ class TritonExperts(torch.autograd.Function):
             h = bias_gelu_forward(u, bu, expert, ends)
         ctx.save_for_backward(rows, wu, bu, wd, u, h, expert, ends)
         ctx.dtypes = (w_up.dtype, b_up.dtype, w_down.dtype, None if b_down is None else b_down.dtype)
-        return torch.ops.sadiffuseq.moe_gmm(h, wd, ends, False, "down", None if b_down is None else b_down.to(dtype))
+        return torch.ops.sadiffuseq.moe_gmm(h, wd, ends, False, "down", bd)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
