@@ -169,13 +169,14 @@ if triton is not None:
 
     @triton.jit
     def _epilogue(val, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole,
-                       BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr, SUMS: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr, SUMS: tl.constexpr):
         """A bias, and the up projection's GELU, on a slice of a result tile (BN columns from n0).
 
-        EPILOGUE 3 (the down projection): val + b[e] to C. EPILOGUE 1 (the forward, val = x · W_up): val to C (the pre-activation u, bias excluded, kept for the
-        backward) and GELU(u + b) to X. EPILOGUE 2 (the backward, val = dh = dy · W_downᵀ): u read from X,
-        du = dh · GELU'(u + b) to C, and du's column sums over the rows this tile owns (from ``first``; a tile moved
-        back shares its first rows with the tile before) to PART, the bias gradient's per-tile share."""
+        EPILOGUE 3 (the down projection): val + b[e] to C. EPILOGUE 1 (the forward, val = x · W_up): val to C (the
+        pre-activation u, bias excluded, kept for the backward) and GELU(u + b) to X. EPILOGUE 2 (the backward,
+        val = dh = dy · W_downᵀ): u read from X, du = dh · GELU'(u + b) to C, and with SUMS 1 or 2 du's column sums
+        over the rows this tile owns (from ``first``; a tile moved back shares its first rows with the tile before)
+        to PART, the bias gradient's per-tile share (:data:`BIAS_SUMS`)."""
         cols = n0 + tl.arange(0, BN)
         b = tl.load(BIAS + eb * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if EPILOGUE == 3:
@@ -240,25 +241,25 @@ if triton is not None:
             _store_rows(C, C_desc, acc, row0, n0, end, N, whole, BM, BN)
         elif SUB == 1:
             _epilogue(acc, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM, BN,
-                           EPILOGUE, SUMS)
+                      EPILOGUE, SUMS)
         else:  # in SUB slices of columns: fewer registers live at once
             left, right = _halves(acc, BM, BN)
             if SUB == 2:
                 _epilogue(left, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM,
-                               BN // 2, EPILOGUE, SUMS)
+                          BN // 2, EPILOGUE, SUMS)
                 _epilogue(right, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 2,
-                               whole, BM, BN // 2, EPILOGUE, SUMS)
+                          whole, BM, BN // 2, EPILOGUE, SUMS)
             else:  # SUB == 4
                 q0, q1 = _halves(left, BM, BN // 2)
                 q2, q3 = _halves(right, BM, BN // 2)
                 _epilogue(q0, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0, whole, BM,
-                               BN // 4, EPILOGUE, SUMS)
+                          BN // 4, EPILOGUE, SUMS)
                 _epilogue(q1, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 4,
-                               whole, BM, BN // 4, EPILOGUE, SUMS)
+                          whole, BM, BN // 4, EPILOGUE, SUMS)
                 _epilogue(q2, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end, n0 + BN // 2,
-                               whole, BM, BN // 4, EPILOGUE, SUMS)
+                          whole, BM, BN // 4, EPILOGUE, SUMS)
                 _epilogue(q3, C, C_desc, X, X_desc, BIAS, PART, N, eb, pid_m, row0, first, end,
-                               n0 + 3 * (BN // 4), whole, BM, BN // 4, EPILOGUE, SUMS)
+                          n0 + 3 * (BN // 4), whole, BM, BN // 4, EPILOGUE, SUMS)
 
     @triton.jit
     def _rows_kernel(A_desc, B_desc, C, C_desc, X, X_desc, BIAS, PART, ENDS, M, N, K, E,
@@ -360,7 +361,6 @@ if triton is not None:
                 a_desc, g_desc, a, gr, w, ka, n, e = A2_desc, G2_desc, A2, G2, W2, KA2, N2, g - E
             if pid < tl.cdiv(ka, BM) * tl.cdiv(n, BN):
                 _weights_tile(a_desc, g_desc, a, gr, w, ENDS, ka, n, e, pid, BM, BN, BK, GROUP_M)
-
 
     @triton.jit
     def _cast_kernel(S0, D0, N0, S1, D1, N1, S2, D2, N2, S3, D3, N3, BLOCK: tl.constexpr):
