@@ -48,24 +48,23 @@ for N in (8192, 32768):
 
     def fused(sums):
         def run():
-            mg.BIAS_SUMS = sums
-            du, db = ops.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, sums != 0)
+            du, db = ops.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, sums)
             d_rows, w1, w2, db2, _ = ops.moe_gmm_input_and_weight_grads(du, wu, rows, h, grad, ends, torch.float32,
                                                                          sums == 0, False)
             return du, (db if sums else db2), d_rows, w1, w2
         return run
 
-    variants = [("separate", None, separate)]
+    variants = [("separate", None, None, separate)]  # (label, the epilogue's sums, WEIGHT_GRAD_BIAS, call)
     for sums in (1, 2):
-        variants.append((f"epilogue, sums {sums}", None, fused(sums)))
+        variants.append((f"epilogue, sums {sums}", sums, None, fused(sums)))
     for where in (1, 2):
         for br, bc in ((64, 256), (128, 128), (32, 256), (64, 128)):
             variants.append((f"epilogue, sums in the weights {'first' if where == 1 else 'last'} {br}x{bc}",
-                             (where, br, bc), fused(0)))
+                             0, (where, br, bc), fused(0)))
     base_launch = mg.LAUNCH["down_input_grad_gelu"]
     for grid, sub in ((1, 4), (1, 2), (2, 4), (2, 2)):
         mg.LAUNCH["down_input_grad_gelu"] = base_launch[:6] + (grid, 1, sub)
-        for name, wgb, fn in variants:
+        for name, sums, wgb, fn in variants:
             if name == "separate" and (grid, sub) != (1, 4):
                 continue
             if wgb is not None:
@@ -79,8 +78,7 @@ for N in (8192, 32768):
                     t1 = graph_time_ms(lambda: ops.moe_bias_gelu_backward(
                         ops.moe_gmm(grad, wd, ends, True, "down_input_grad"), u, bu, ends), reps=REPS) * 1e3
                 else:
-                    s = mg.BIAS_SUMS
-                    t1 = graph_time_ms(lambda: ops.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, s != 0),
+                    t1 = graph_time_ms(lambda: ops.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, sums),
                                        reps=REPS) * 1e3
             except Exception as e:  # a setting that does not compile is reported, not fatal
                 print(f"{N} grid {grid} sub {sub} {name}: {type(e).__name__} {str(e)[:200]}", flush=True)

@@ -28,7 +28,7 @@ for N in (8192, 32768):
     print(f"{N}: separate forward {graph_time_ms(sep_f, reps=50)*1e3:.1f} us, backward {graph_time_ms(sep_b, reps=50)*1e3:.1f} us", flush=True)
     for grid, tma, sub, stages in CANDS:
         for op, fn, want, base in (("up_gelu", lambda: ops.moe_gmm_up_gelu(rows, wu, bu, ends), want_f, mg.LAUNCH["up"]),
-                                   ("down_input_grad_gelu", lambda: ops.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, True), want_b, mg.LAUNCH["down_input_grad"])):
+                                   ("down_input_grad_gelu", lambda: ops.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, 1), want_b, mg.LAUNCH["down_input_grad"])):
             mg.LAUNCH[op] = base[:4] + (stages, base[5], grid, tma, sub)
             try:
                 got = fn()

@@ -33,7 +33,8 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
   its k pairs; each sorted row's output gradient from its token), the up projection's bias is added with the
   GELU and its gradient summed per expert in the GELU's backward pass (:mod:`sadiffuseq.moe_kernels`:
   per-expert tiles, their sums added in a fixed order), the down biases' gradient is the (E × N) gate matrix
-  times the output gradient, and the per-expert counts are a one-hot sum. Dropless, the layer is therefore one
+  times the output gradient (the Triton experts add both biases in their matmuls instead and take both gradients
+  as column sums in their weight-gradient launch), and the per-expert counts are a one-hot sum. Dropless, the layer is therefore one
   graph with static shapes under ``torch.compile``, and a compiled model traces it into its blocks' graphs.
   On CUDA a dropless layer routes with :class:`_RouteDispatch` instead (the same results from three Triton
   kernels: selection with per-block histograms, their scan, a counting sort that stores the rows), and the
@@ -588,9 +589,9 @@ class MoEFFN(nn.Module):
             impl = self.resolve_impl(x.device, dtype, torch.compiler.is_compiling()) if disp.pair.numel() else "loop"
             # The Triton experts add the down projection's bias in its matmul (and take its gradient with the
             # weights'); the others leave it to the combine.
-            down_bias = self.b_down if impl == "triton" else None
-            ys = experts_forward(rows, disp.expert, disp.counts, self.w_up, self.b_up, self.w_down, down_bias, impl,
-                                 disp.ends)
+            in_experts = impl == "triton"
+            ys = experts_forward(rows, disp.expert, disp.counts, self.w_up, self.b_up, self.w_down,
+                                 self.b_down if in_experts else None, impl, disp.ends)
             gates = gates.to(dtype)
             if disp.kept is not None:  # a dropped pair contributes nothing, its expert's bias included
                 gates = gates * disp.kept.view(n, self.top_k).to(dtype)
@@ -598,7 +599,7 @@ class MoEFFN(nn.Module):
             # over the k slots accumulates in fp32 inside the reduction, and fp32 copies of the (N, k, d) outputs
             # would double the memory traffic of the combine and of its backward.
             y = _CombinePairs.apply(
-                ys, gates, None if down_bias is not None else self.b_down.to(dtype), experts, disp.expert, disp.pair,
+                ys, gates, None if in_experts else self.b_down.to(dtype), experts, disp.expert, disp.pair,
                 disp.token, disp.slot, disp.kept, disp.ends
             )
         if self.shared is not None:

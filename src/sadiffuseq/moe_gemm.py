@@ -391,8 +391,9 @@ def _launch_rows(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str,
                  x: Tensor | None = None, bias: Tensor | None = None, part: Tensor | None = None,
                  sums: int = 0) -> None:
     """``c[rows of e] = a[rows of e] · w[e]`` (or ``· w[e]ᵀ``) on the current stream, with ``LAUNCH[launch]``; with
-    ``epilogue`` 1 or 2 the up projection's bias and GELU on the result (see :func:`_gelu_epilogue`: x is h, or u,
-    bias b_up, part the per-tile column sums when ``sums`` says how, :data:`BIAS_SUMS`)."""
+    ``epilogue`` 1 or 2 the up projection's bias and GELU on the result, with 3 the down projection's bias (see
+    :func:`_epilogue`: x is h, or u; bias b_up or b_down; part the per-tile column sums when ``sums`` says how,
+    as :data:`BIAS_SUMS`)."""
     M, K = a.shape
     E = w.shape[0]
     N = c.shape[1]
@@ -473,20 +474,20 @@ def _(rows, w_up, b_up, ends):
 
 @torch.library.custom_op("sadiffuseq::moe_gmm_down_input_grad_gelu", mutates_args=())
 def down_input_grad_gelu(grad: Tensor, w_down: Tensor, u: Tensor, b_up: Tensor, ends: Tensor,
-                         bias_grad: bool) -> tuple[Tensor, Tensor]:
+                         sums: int) -> tuple[Tensor, Tensor]:
     """The down projection's input gradient through the GELU, in the matmul's epilogue: ``du = (grad[of e] ·
-    W_down[e]ᵀ) · GELU'(u + b_up[e])`` (M, H), and with ``bias_grad`` the bias gradient ``Σ_{rows of e} du`` (E, H)
-    from per-tile column sums added in a fixed order, else an empty (0, H) (launch settings
-    ``LAUNCH["down_input_grad_gelu"]``)."""
+    W_down[e]ᵀ) · GELU'(u + b_up[e])`` (M, H), and with ``sums`` 1 or 2 (as :data:`BIAS_SUMS`) the bias gradient
+    ``Σ_{rows of e} du`` (E, H) from per-tile column sums added in a fixed order; with 0 an empty (0, H) (launch
+    settings ``LAUNCH["down_input_grad_gelu"]``)."""
     grad, w_down, u, b_up = grad.contiguous(), w_down.contiguous(), u.contiguous(), b_up.contiguous()
     M, H = u.shape
     E = b_up.shape[0]
     BM = LAUNCH["down_input_grad_gelu"][0]
     du = torch.empty_like(u)
-    part = torch.empty(triton.cdiv(M, BM) + E if bias_grad else 0, H, dtype=torch.float32, device=u.device)
+    part = torch.empty(triton.cdiv(M, BM) + E if sums else 0, H, dtype=torch.float32, device=u.device)
     _launch_rows(grad, w_down, ends, True, "down_input_grad_gelu", du, epilogue=2, x=u, bias=b_up, part=part,
-                 sums=(BIAS_SUMS or 1) if bias_grad else 0)
-    if not bias_grad:
+                 sums=sums)
+    if not sums:
         return du, b_up.new_empty(0, H)
     d_b_up = torch.empty_like(b_up)
     _sum_tiles_kernel[(E, triton.cdiv(H, BN_SUM))](part, d_b_up, ends, H, E, EP=max(2, triton.next_power_of_2(E)),
@@ -495,8 +496,8 @@ def down_input_grad_gelu(grad: Tensor, w_down: Tensor, u: Tensor, b_up: Tensor, 
 
 
 @down_input_grad_gelu.register_fake
-def _(grad, w_down, u, b_up, ends, bias_grad):
-    return torch.empty_like(u), b_up.new_empty(b_up.shape[0] if bias_grad else 0, u.shape[1])
+def _(grad, w_down, u, b_up, ends, sums):
+    return torch.empty_like(u), b_up.new_empty(b_up.shape[0] if sums else 0, u.shape[1])
 
 
 def _launch_weight_grads(a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, ends: Tensor, w1: Tensor,
@@ -633,7 +634,7 @@ class TritonExperts(torch.autograd.Function):
         # (BIAS_SUMS 1 or 2), or (BIAS_SUMS 0) from programs of the weight-gradient launch.
         in_weights = FUSED_GELU[1] and BIAS_SUMS == 0
         if FUSED_GELU[1]:
-            du, d_b_up = torch.ops.sadiffuseq.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, not in_weights)
+            du, d_b_up = torch.ops.sadiffuseq.moe_gmm_down_input_grad_gelu(grad, wd, u, bu, ends, BIAS_SUMS)
         else:
             dh = torch.ops.sadiffuseq.moe_gmm(grad, wd, ends, True, "down_input_grad")
             du, d_b_up = bias_gelu_backward(dh, u, bu, expert, ends)
