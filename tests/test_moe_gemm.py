@@ -20,6 +20,14 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9,
 # one full tile, one row more than a tile; widths that are not multiples of the column or inner blocks.
 CASES = [((0, 37, 0, 17, 1, 16, 0), 24, 40), ((16,), 32, 16), ((3, 50, 33, 1), 8, 56)]
 SMALL = (16, 16, 16, 2, 2, 2)
+LAUNCH_SMALL = dict(moe_gemm.LAUNCH_SMALL)
+
+
+@pytest.fixture(autouse=True)
+def _no_small_launches(monkeypatch):
+    """Every test's problems are below SMALL_ROWS: without this, LAUNCH_SMALL would replace the settings the tests
+    set in LAUNCH (the GPU test of the layer's settings puts it back)."""
+    monkeypatch.setattr(moe_gemm, "LAUNCH_SMALL", {})
 
 
 def _launch(rows, weights=SMALL[:6]):
@@ -176,9 +184,12 @@ def test_supported_says_no_without_a_hopper_gpu_or_with_unaligned_rows():
 @pytest.mark.parametrize("counts, d, H", [((0, 370, 0, 129, 1, 128, 0), 64, 200),
                                           ((2067, 1985, 2044, 2085, 1948, 2088, 2010, 2157), 768, 1536)])
 @pytest.mark.parametrize("fused", [None, (False, False), (True, True)])
-def test_gpu_triton_experts_in_bf16(monkeypatch, counts, d, H, fused):
-    """The launch settings of the layer (LAUNCH), bf16 rows and fp32 parameters, against float64; the GELU in the
-    matmuls' epilogues as set (FUSED_GELU), in neither and in both."""
+@pytest.mark.parametrize("small", [True, False])
+def test_gpu_triton_experts_in_bf16(monkeypatch, counts, d, H, fused, small):
+    """The launch settings of the layer (LAUNCH, and LAUNCH_SMALL's where set), bf16 rows and fp32 parameters,
+    against float64; the GELU in the matmuls' epilogues as set (FUSED_GELU), in neither and in both."""
+    if small:
+        monkeypatch.setattr(moe_gemm, "LAUNCH_SMALL", LAUNCH_SMALL)
     if fused is not None:
         monkeypatch.setattr(moe_gemm, "FUSED_GELU", fused)
     t, expert, ends = _problem(counts, d, H, torch.bfloat16, "cuda")
@@ -283,3 +294,12 @@ def test_layer_falls_back_when_the_kernels_do_not_work(monkeypatch):
         MoEFFN(ModelConfig(**cfg, moe_impl="triton")).resolve_impl(torch.device("cpu"), torch.float32)
     monkeypatch.setattr(moe_gemm, "works", lambda *args: True)
     assert MoEFFN(ModelConfig(**cfg, moe_impl="triton")).resolve_impl(torch.device("cpu"), torch.float32) == "triton"
+
+
+def test_small_problems_take_the_small_launch_settings(monkeypatch):
+    """LAUNCH_SMALL replaces LAUNCH for its matmuls up to SMALL_ROWS routed rows, and only there."""
+    monkeypatch.setattr(moe_gemm, "LAUNCH_SMALL", {"down": (64, 64, 32, 4, 2, 4, 0, 0)})
+    cut = moe_gemm.SMALL_ROWS
+    assert moe_gemm.launch_settings("down", cut) == (64, 64, 32, 4, 2, 4, 0, 0)
+    assert moe_gemm.launch_settings("down", cut + 1) == moe_gemm.LAUNCH["down"]
+    assert moe_gemm.launch_settings("up", 1) == moe_gemm.LAUNCH["up"]

@@ -20,6 +20,21 @@ from conftest import run_under_interpreter
 CASES = [(100, 48, 3, 2), (37, 40, 8, 1), (70, 24, 20, 3)]
 
 
+@pytest.fixture(autouse=True)
+def _no_small_launches(monkeypatch):
+    """The tests' problems are below SMALL_TOKENS: under the interpreter, ROUTER_SMALL would replace the small
+    blocks the tests set in ROUTER (on the GPU the tests run the settings as they are)."""
+    if interpreting():
+        monkeypatch.setattr(moe_router, "ROUTER_SMALL", {})
+
+
+def test_few_tokens_take_the_small_weight_grad_settings(monkeypatch):
+    monkeypatch.setattr(moe_router, "ROUTER_SMALL", {"ROWS": 64})
+    assert moe_router.weight_grad_settings(moe_router.SMALL_TOKENS)["ROWS"] == 64
+    assert moe_router.weight_grad_settings(moe_router.SMALL_TOKENS)["BD"] == moe_router.ROUTER["BD"]
+    assert moe_router.weight_grad_settings(moe_router.SMALL_TOKENS + 1)["ROWS"] == moe_router.ROUTER["ROWS"]
+
+
 def _problem(N, D, E, k, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, D, generator=g)

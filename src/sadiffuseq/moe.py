@@ -592,7 +592,11 @@ class MoEFFN(nn.Module):
             in_experts = impl == "triton"
             ys = experts_forward(rows, disp.expert, disp.counts, self.w_up, self.b_up, self.w_down,
                                  self.b_down if in_experts else None, impl, disp.ends)
-            gates = gates.to(dtype)
+            # The gates go to the combine in the compute dtype, except where its backward is the Triton kernel (which
+            # reads them in any dtype and returns their gradient in theirs): there they stay fp32, which costs no
+            # traffic to speak of (k numbers per token) and saves a cast kernel each way.
+            if not (disp.kept is None and disp.ends is not None and moe_kernels.use_triton(ys)):
+                gates = gates.to(dtype)
             if disp.kept is not None:  # a dropped pair contributes nothing, its expert's bias included
                 gates = gates * disp.kept.view(n, self.top_k).to(dtype)
             # Back to token order, gate-weighted, with the down projections' biases. In the compute dtype: the sum

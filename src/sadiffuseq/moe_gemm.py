@@ -65,6 +65,13 @@ LAUNCH = {
     "up_gelu": (128, 256, 64, 8, 3, 8, 1, 1, 2),  # x · W_up, then h = GELU(u + b)
     "down_input_grad_gelu": (128, 256, 64, 8, 3, 4, 1, 1, 2),  # dy · W_downᵀ, then du = dh · GELU'(u + b)
 }
+# Up to SMALL_ROWS routed rows (8k tokens of top-2: 16k rows) these settings replace LAUNCH's, chosen the same way
+# at 8k tokens alone (scripts/gpu_tune_moe_gemm.py 8192): the rows' gradient 64.0 µs there against 69.7 with
+# LAUNCH's setting, which is the better one at 32k.
+LAUNCH_SMALL = {
+    "up_input_grad": (128, 256, 64, 8, 4, 8, 2, 0),
+}
+SMALL_ROWS = 32768
 # Whether the up projection's bias and GELU run in the matmuls' epilogues (forward, backward) instead of kernels
 # of their own.
 FUSED_GELU = (True, True)
@@ -387,17 +394,26 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def launch_settings(launch: str, rows: int) -> tuple[int, ...]:
+    """The launch settings of matmul ``launch`` over ``rows`` routed rows: ``LAUNCH_SMALL``'s up to
+    :data:`SMALL_ROWS` rows where it has the matmul, else ``LAUNCH``'s."""
+    if rows <= SMALL_ROWS and launch in LAUNCH_SMALL:
+        return LAUNCH_SMALL[launch]
+    return LAUNCH[launch]
+
+
 def _launch_rows(a: Tensor, w: Tensor, ends: Tensor, trans_b: bool, launch: str, c: Tensor, epilogue: int = 0,
                  x: Tensor | None = None, bias: Tensor | None = None, part: Tensor | None = None,
                  sums: int = 0) -> None:
-    """``c[rows of e] = a[rows of e] · w[e]`` (or ``· w[e]ᵀ``) on the current stream, with ``LAUNCH[launch]``; with
+    """``c[rows of e] = a[rows of e] · w[e]`` (or ``· w[e]ᵀ``) on the current stream, with ``launch``'s settings
+    (:func:`launch_settings`); with
     ``epilogue`` 1 or 2 the up projection's bias and GELU on the result, with 3 the down projection's bias (see
     :func:`_epilogue`: x is h, or u; bias b_up or b_down; part the per-tile column sums when ``sums`` says how,
     as :data:`BIAS_SUMS`)."""
     M, K = a.shape
     E = w.shape[0]
     N = c.shape[1]
-    BM, BN, BK, warps, stages, group_m, grid, tma_store, *sub = LAUNCH[launch]
+    BM, BN, BK, warps, stages, group_m, grid, tma_store, *sub = launch_settings(launch, M)
     sub = sub[0] if sub and epilogue else 1
     a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
     b_desc = TensorDescriptor.from_tensor(w.view(-1, w.shape[2]), [BN, BK] if trans_b else [BK, BN])

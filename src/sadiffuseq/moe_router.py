@@ -44,6 +44,11 @@ if triton is not None:
 # BD columns; the token gradient's take token_BM tokens and token_BD columns.
 ROUTER = dict(BM=128, BK=64, warps=8, ROWS=512, BR=32, BD=128, grad_warps=4, token_BM=16, token_BD=128,
               token_warps=4, precision="tf32x3")
+# Up to SMALL_TOKENS tokens the weight gradient takes these settings instead, chosen the same way at 8k tokens
+# alone: 14.4 µs there in the layer where ROUTER's take 19.5 (shorter spans, more programs; their sum then reads
+# twice the partial rows).
+ROUTER_SMALL = dict(ROWS=256, BR=32, BD=64, grad_warps=4)
+SMALL_TOKENS = 16384
 # The fused routing of a dropless layer (``sadiffuseq::moe_route_dispatch``): the selection kernel takes BM tokens
 # per program (BK columns at a time), and so does the dispatch, BD columns per program; the scan goes CH blocks at a
 # time. Its backward takes grad_BM tokens and grad_BD columns per program. Retuned with the other MoE kernels in
@@ -331,18 +336,25 @@ def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
+def weight_grad_settings(tokens: int) -> dict:
+    """The router's weight-gradient launch settings for ``tokens`` rows: ``ROUTER`` with ``ROUTER_SMALL`` over it up
+    to :data:`SMALL_TOKENS` tokens."""
+    return {**ROUTER, **ROUTER_SMALL} if tokens <= SMALL_TOKENS else ROUTER
+
+
 @torch.library.custom_op("sadiffuseq::moe_router_weight_grad", mutates_args=())
 def _router_weight_grad_op(grad: Tensor, x: Tensor) -> Tensor:
     """``gradᵀ · x`` in fp32: (E, d) from grad (N, E) and x (N, d); spans of ``ROUTER["ROWS"]`` rows reduced by one
     program each, the spans then added in order."""
     grad, x = grad.contiguous(), x.contiguous()
     (N, D), E = x.shape, grad.shape[1]
-    ROWS, BR, BD = ROUTER["ROWS"], ROUTER["BR"], ROUTER["BD"]
+    launch = weight_grad_settings(N)
+    ROWS, BR, BD = launch["ROWS"], launch["BR"], launch["BD"]
     spans = triton.cdiv(N, ROWS)
     part = torch.empty(spans, E, D, dtype=torch.float32, device=x.device)
     _weight_grad_kernel[(spans, triton.cdiv(D, BD))](x, grad, part, N, D, E, EP=_padded_experts(E), ROWS=ROWS,
                                                      BR=BR, BD=BD, PRECISION=_precision(x.device),
-                                                     num_warps=ROUTER["grad_warps"])
+                                                     num_warps=launch["grad_warps"])
     return part.sum(0)
 
 
