@@ -34,8 +34,8 @@ Our choices (the MoE-DiffuSeq papers give no code and few hyper-parameters; ever
   GELU and its gradient summed per expert in the GELU's backward pass (:mod:`sadiffuseq.moe_kernels`:
   per-expert tiles, their sums added in a fixed order), the down biases' gradient is the (E × N) gate matrix
   times the output gradient (the Triton experts add both biases in their matmuls instead and take both gradients
-  as column sums in their weight-gradient launch), and the per-expert counts are a one-hot sum. Dropless, the layer is therefore one
-  graph with static shapes under ``torch.compile``, and a compiled model traces it into its blocks' graphs.
+  as column sums in their weight-gradient launch), and the per-expert counts are a one-hot sum. Dropless, the
+  layer is therefore one graph with static shapes under ``torch.compile``, and a compiled model traces it into its blocks' graphs.
   On CUDA a dropless layer routes with :class:`_RouteDispatch` instead (the same results from three Triton
   kernels: selection with per-block histograms, their scan, a counting sort that stores the rows), and the
   combine's backward is one kernel (:func:`~sadiffuseq.moe_kernels.combine_backward`).
@@ -276,6 +276,11 @@ class _CombinePairs(torch.autograd.Function):
     """
 
     @staticmethod
+    def backward_on_triton(rows: torch.Tensor, kept: torch.Tensor | None, ends: torch.Tensor | None) -> bool:
+        """Whether the backward is the Triton kernel: dropless, with the experts' row ranges, on its device."""
+        return kept is None and ends is not None and moe_kernels.use_triton(rows)
+
+    @staticmethod
     def forward(ctx, rows, gates, bias, experts, expert, pair, token, slot, kept, ends):
         ctx.save_for_backward(rows, gates, bias, experts, expert, pair, token, slot, kept, ends)
         n, k = gates.shape
@@ -292,7 +297,7 @@ class _CombinePairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         rows, gates, bias, experts, expert, pair, token, slot, kept, ends = ctx.saved_tensors
-        if kept is None and ends is not None and moe_kernels.use_triton(grad):
+        if _CombinePairs.backward_on_triton(grad, kept, ends):
             grad_rows, grad_gates, grad_bias = combine_backward(grad, rows, bias, gates, pair, token, ends)
             return grad_rows, grad_gates, grad_bias, None, None, None, None, None, None, None
         grad_token = grad.index_select(0, token)
@@ -595,7 +600,7 @@ class MoEFFN(nn.Module):
             # The gates go to the combine in the compute dtype, except where its backward is the Triton kernel (which
             # reads them in any dtype and returns their gradient in theirs): there they stay fp32, which costs no
             # traffic to speak of (k numbers per token) and saves a cast kernel each way.
-            if not (disp.kept is None and disp.ends is not None and moe_kernels.use_triton(ys)):
+            if not _CombinePairs.backward_on_triton(ys, disp.kept, disp.ends):
                 gates = gates.to(dtype)
             if disp.kept is not None:  # a dropped pair contributes nothing, its expert's bias included
                 gates = gates * disp.kept.view(n, self.top_k).to(dtype)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sadiffuseq.attention.globals_triton import interpreting, triton
-from sadiffuseq.moe_kernels import BN_SUM, BT_SUM, bias_gelu_backward, bias_gelu_forward
+from sadiffuseq.moe_kernels import BN_SUM, BT_SUM, SMALL_ROWS, bias_gelu_backward, bias_gelu_forward
 
 if triton is not None:
     import triton.language as tl
@@ -65,13 +65,12 @@ LAUNCH = {
     "up_gelu": (128, 256, 64, 8, 3, 8, 1, 1, 2),  # x · W_up, then h = GELU(u + b)
     "down_input_grad_gelu": (128, 256, 64, 8, 3, 4, 1, 1, 2),  # dy · W_downᵀ, then du = dh · GELU'(u + b)
 }
-# Up to SMALL_ROWS routed rows (8k tokens of top-2: 16k rows) these settings replace LAUNCH's, chosen the same way
-# at 8k tokens alone (scripts/gpu_tune_moe_gemm.py 8192): the rows' gradient 64.0 µs there against 69.7 with
-# LAUNCH's setting, which is the better one at 32k.
+# Up to SMALL_ROWS routed rows (moe_kernels' limit for its own small-problem settings; 8k tokens of top-2: 16k
+# rows) these settings replace LAUNCH's, chosen the same way at 8k tokens alone (scripts/gpu_tune_moe_gemm.py
+# 8192): the rows' gradient 64.0 µs there against 69.7 with LAUNCH's setting, which is the better one at 32k.
 LAUNCH_SMALL = {
     "up_input_grad": (128, 256, 64, 8, 4, 8, 2, 0),
 }
-SMALL_ROWS = 32768
 # Whether the up projection's bias and GELU run in the matmuls' epilogues (forward, backward) instead of kernels
 # of their own.
 FUSED_GELU = (True, True)
