@@ -11,6 +11,7 @@ old=${1:?usage: gpu_moe_ab.sh OLD_SRC [ROUNDS] [LENGTHS]}
 rounds=${2:-3}
 lengths=${3:-8192}
 out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
 [ -d "$old/sadiffuseq" ] || { echo "gpu_moe_ab.sh: $old has no sadiffuseq package (give the src folder)" >&2; exit 2; }
 echo "version length dense_graph_ms moe_graph_ms graph_ratio"
 for r in $(seq "$rounds"); do
